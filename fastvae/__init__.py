@@ -1,0 +1,29 @@
+"""fastvae: fused Triton kernels for the VAE loss.
+
+    z    = mu + exp(0.5 logvar) * eps                       reparameterize / reparameterize_kl
+    KL   = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar)       gaussian_kl / reparameterize_kl
+    NLL  = 0.5 * (log var + (x - x_hat)^2 / var)            gaussian_nll_loss (torch drop-in)
+    NLL  = 0.5 * (logvar + (x - x_hat)^2 exp(-logvar))      gaussian_nll_loss_logvar
+"""
+
+from . import nn
+from .functional import (
+    ShapeError,
+    gaussian_kl,
+    gaussian_nll_loss,
+    gaussian_nll_loss_logvar,
+    reparameterize,
+    reparameterize_kl,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ShapeError",
+    "gaussian_kl",
+    "gaussian_nll_loss",
+    "gaussian_nll_loss_logvar",
+    "nn",
+    "reparameterize",
+    "reparameterize_kl",
+]

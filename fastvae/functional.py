@@ -1,0 +1,234 @@
+"""Public functions: validate, then dispatch to the fused Triton kernels or to the eager reference.
+
+Names, argument order and ``reduction=`` semantics mirror torch; ``reduction="batchmean"`` is sum / size of
+dim 0 (the per-example loss of most VAE code). ``backend=None`` runs Triton on CUDA tensors when it is
+installed and the eager reference elsewhere; ``"torch"`` and ``"triton"`` force a path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._checks import (
+    ShapeError,
+    broadcast_pair,
+    check_broadcastable_to,
+    check_generator,
+    check_num_samples,
+    check_reduction,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+    use_triton,
+)
+
+__all__ = [
+    "ShapeError",
+    "reparameterize",
+    "gaussian_kl",
+    "reparameterize_kl",
+    "gaussian_nll_loss",
+    "gaussian_nll_loss_logvar",
+]
+
+
+def _check_posterior(mu: Tensor, logvar: Tensor) -> None:
+    check_tensor("mu", mu)
+    check_tensor("logvar", logvar)
+    check_same_device(mu=mu, logvar=logvar)
+    check_same_shape("logvar", logvar, "mu", mu)
+    if mu.dtype != logvar.dtype:
+        raise TypeError(f"mu and logvar must have one dtype, got mu {mu.dtype} and logvar {logvar.dtype}")
+
+
+def _eps(mu: Tensor, num_samples: int | None, generator: torch.Generator | None) -> Tensor:
+    shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
+    _, dt = reference.dtypes(mu)
+    return torch.randn(shape, dtype=dt, device=mu.device, generator=generator)
+
+
+def reparameterize(
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I).
+
+    With ``num_samples=K`` returns K independent samples per input, shape ``(K, *mu.shape)``. The noise comes
+    from ``generator`` or torch's default generator of the device, so ``torch.manual_seed`` reproduces z
+    bitwise. On the Triton path eps is drawn inside the kernel and regenerated in backward, never stored.
+    """
+    _check_posterior(mu, logvar)
+    num_samples = check_num_samples(num_samples)
+    generator = check_generator(generator, mu.device)
+    if use_triton(backend, mu):
+        from . import _triton
+
+        return _triton.sample_kl(mu, logvar, None, None, sample=True, num_samples=num_samples,
+                                 generator=generator, reduction=None)[0]
+    return reference.reparameterize(mu, logvar, _eps(mu, num_samples, generator))
+
+
+def gaussian_kl(
+    mu: Tensor,
+    logvar: Tensor,
+    mu_p: Tensor | None = None,
+    logvar_p: Tensor | None = None,
+    *,
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """KL(N(mu, diag e^logvar) || N(mu_p, diag e^logvar_p)); the prior defaults to N(0, I).
+
+    Elementwise 0.5 * (logvar_p - logvar + (e^logvar + (mu - mu_p)^2) / e^logvar_p - 1), reduced by
+    ``reduction`` in "none" | "sum" | "mean" | "batchmean". ``mu_p``/``logvar_p`` broadcast to mu's shape.
+    """
+    _check_posterior(mu, logvar)
+    for name, t in (("mu_p", mu_p), ("logvar_p", logvar_p)):
+        if t is not None:
+            check_tensor(name, t)
+            check_broadcastable_to(name, t, "mu", mu)
+    check_same_device(mu=mu, mu_p=mu_p, logvar_p=logvar_p)
+    check_reduction(reduction)
+    if use_triton(backend, mu, *(t for t in (mu_p, logvar_p) if t is not None)):
+        from . import _triton
+
+        return _triton.sample_kl(mu, logvar, mu_p, logvar_p, sample=False, num_samples=None,
+                                 generator=None, reduction=reduction)[1]
+    return reference.gaussian_kl(mu, logvar, mu_p, logvar_p, reduction)
+
+
+def reparameterize_kl(
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    reduction: str = "sum",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(z, KL(q || N(0, I))) from one read of mu and logvar: the encoder half of the ELBO in one call."""
+    _check_posterior(mu, logvar)
+    check_reduction(reduction)
+    num_samples = check_num_samples(num_samples)
+    generator = check_generator(generator, mu.device)
+    if use_triton(backend, mu):
+        from . import _triton
+
+        return _triton.sample_kl(mu, logvar, None, None, sample=True, num_samples=num_samples,
+                                 generator=generator, reduction=reduction)
+    z = reference.reparameterize(mu, logvar, _eps(mu, num_samples, generator))
+    return z, reference.gaussian_kl(mu, logvar, None, None, reduction)
+
+
+def _check_nll_common(input: Tensor, target: Tensor, reduction: str) -> torch.Size:
+    check_tensor("input", input)
+    check_tensor("target", target)
+    check_same_device(input=input, target=target)
+    check_reduction(reduction)
+    return broadcast_pair("input", input, "target", target)
+
+
+def _shape_var(input: Tensor, var: Tensor) -> Tensor:
+    """torch.nn.functional.gaussian_nll_loss's var forms: input's shape; input's shape with one dim of
+    size 1 (homoscedastic along it); input's shape without the last dim (unsqueezed to size 1)."""
+    if var.shape == input.shape:
+        return var
+    if input.shape[:-1] == var.shape:
+        return var.unsqueeze(-1)
+    if input.dim() == var.dim() and sum(v for i, v in zip(input.shape, var.shape) if i != v) == 1:
+        return var
+    raise ValueError(
+        f"var is of incorrect size: var {tuple(var.shape)} for input {tuple(input.shape)}; expected the input's "
+        "shape, the input's shape with one dim of size 1, or the input's shape without its last dim"
+    )
+
+
+def _negative_var_check_allowed(var: Tensor) -> bool:
+    # torch.any(var < 0) reads a device value on the host: skip it where that is impossible (compile) or
+    # forbidden (CUDA-graph capture); the kernels flag negative entries on the device instead.
+    if torch.compiler.is_compiling():
+        return False
+    return not (var.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def gaussian_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    var: Tensor | float,
+    full: bool = False,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under N(input, var): drop-in for
+    ``torch.nn.functional.gaussian_nll_loss`` (same arguments, var forms, clamping, gradients and errors),
+    plus ``reduction="batchmean"``.
+
+        loss = 0.5 * (log(max(var, eps)) + (input - target)^2 / max(var, eps)) [+ 0.5 log 2 pi if full]
+
+    On the Triton path the gradient is written in the same pass as the loss.
+    """
+    if isinstance(var, (int, float)) and not isinstance(var, bool):
+        if var < 0:
+            raise ValueError("var has negative entry/entries")
+        check_tensor("input", input)
+        var = torch.full((), float(var), dtype=input.dtype, device=input.device)
+        scalar_var = True
+    else:
+        check_tensor("var", var)
+        scalar_var = False
+    _check_nll_common(input, target, reduction)
+    check_same_device(input=input, var=var)
+    triton_path = use_triton(backend, input, target, var)
+    # the kernels flag negative entries on the device; the eager path checks like torch (a host sync)
+    if not scalar_var and not triton_path and _negative_var_check_allowed(var) and torch.any(var < 0):
+        raise ValueError("var has negative entry/entries")
+    var = var.expand((1,) * input.dim()) if scalar_var else _shape_var(input, var)
+    if triton_path:
+        from . import _triton
+
+        if _triton.nll_supported(input, target, var):
+            return _triton.gaussian_nll(input, target, var, logvar_form=False, full=full, eps=eps,
+                                        reduction=reduction)
+    return reference.gaussian_nll_var(input, target, var, full, eps, reduction)
+
+
+def gaussian_nll_loss_logvar(
+    input: Tensor,
+    target: Tensor,
+    logvar: Tensor | float,
+    full: bool = False,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Gaussian NLL with the log-variance a decoder learns:
+
+        loss = 0.5 * (logvar + (input - target)^2 * exp(-logvar)) [+ 0.5 log 2 pi if full]
+
+    ``logvar`` broadcasts to input's shape: a scalar parameter, one per feature, one per row, or one per
+    element. No clamp is needed: exp(-logvar) is finite for any finite logvar.
+    """
+    check_tensor("input", input)
+    if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
+        logvar = torch.full((), float(logvar), dtype=input.dtype, device=input.device)
+    check_tensor("logvar", logvar)
+    _check_nll_common(input, target, reduction)
+    check_same_device(input=input, logvar=logvar)
+    check_broadcastable_to("logvar", logvar, "input", input)
+    if use_triton(backend, input, target, logvar):
+        from . import _triton
+
+        lv = logvar.reshape((1,) * (input.dim() - logvar.dim()) + tuple(logvar.shape))
+        if _triton.nll_supported(input, target, lv):
+            return _triton.gaussian_nll(input, target, lv, logvar_form=True, full=full, eps=0.0,
+                                        reduction=reduction)
+    return reference.gaussian_nll_logvar(input, target, logvar, full, reduction)
+

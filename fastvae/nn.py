@@ -1,0 +1,119 @@
+"""Thin ``torch.nn`` modules over ``fastvae.functional``."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._checks import check_reduction
+
+__all__ = ["GaussianNLLLoss", "GaussianKL", "Reparameterize", "ELBOLoss", "ELBOOutput"]
+
+
+class GaussianNLLLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.GaussianNLLLoss``: ``forward(input, target, var)``."""
+
+    def __init__(self, *, full: bool = False, eps: float = 1e-6, reduction: str = "mean", backend=None):
+        super().__init__()
+        self.full, self.eps, self.reduction, self.backend = full, eps, check_reduction(reduction), backend
+
+    def forward(self, input: Tensor, target: Tensor, var: Tensor | float) -> Tensor:
+        return F.gaussian_nll_loss(input, target, var, self.full, self.eps, self.reduction, backend=self.backend)
+
+
+class GaussianKL(torch.nn.Module):
+    """KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), prior N(0, I) by default."""
+
+    def __init__(self, reduction: str = "sum", backend=None):
+        super().__init__()
+        self.reduction, self.backend = check_reduction(reduction), backend
+
+    def forward(self, mu: Tensor, logvar: Tensor, mu_p: Tensor | None = None, logvar_p: Tensor | None = None):
+        return F.gaussian_kl(mu, logvar, mu_p, logvar_p, reduction=self.reduction, backend=self.backend)
+
+
+class Reparameterize(torch.nn.Module):
+    """z = mu + exp(0.5 logvar) * eps; ``num_samples=K`` stacks K samples in a new dim 0."""
+
+    def __init__(self, num_samples: int | None = None, backend=None):
+        super().__init__()
+        self.num_samples, self.backend = num_samples, backend
+
+    def forward(self, mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return F.reparameterize(mu, logvar, num_samples=self.num_samples, generator=generator,
+                                backend=self.backend)
+
+
+class ELBOOutput(NamedTuple):
+    loss: Tensor  # recon + beta * kl, what to call backward() on
+    recon: Tensor  # -E_q[log p(x|z)], one-sample estimate
+    kl: Tensor  # KL(q(z|x) || N(0, I)) (before free bits)
+    beta: float
+
+
+class ELBOLoss(torch.nn.Module):
+    """Negative ELBO = recon + beta * KL, per example (``reduction="batchmean"``) or summed.
+
+    ``likelihood="gaussian"``: N(x_hat, ``var``) with a fixed variance (float or tensor, torch's var forms).
+    ``likelihood="gaussian-learned-var"``: N(x_hat, exp(logvar_x)), logvar_x passed to forward.
+    ``free_bits=lambda``: each latent dim's batch-mean KL counts as at least lambda nats (Kingma et al. 2016),
+    so the encoder is not pushed to collapse unused dims. ``beta_schedule(step) -> beta`` is called with the
+    count of ``step()`` calls (e.g. a KL warm-up); without it ``beta`` is constant.
+    """
+
+    def __init__(
+        self,
+        *,
+        likelihood: str = "gaussian",
+        var: float | Tensor = 1.0,
+        beta: float = 1.0,
+        free_bits: float = 0.0,
+        beta_schedule: Callable[[int], float] | None = None,
+        full: bool = False,
+        reduction: str = "batchmean",
+        backend=None,
+    ):
+        super().__init__()
+        if likelihood not in ("gaussian", "gaussian-learned-var"):
+            raise ValueError(f"likelihood must be 'gaussian' or 'gaussian-learned-var', got {likelihood!r}")
+        if free_bits < 0:
+            raise ValueError(f"free_bits must be >= 0, got {free_bits}")
+        self.likelihood, self.var, self.full = likelihood, var, full
+        self.beta, self.free_bits, self.beta_schedule = beta, free_bits, beta_schedule
+        self.reduction = check_reduction(reduction, ("batchmean", "sum"))
+        self.backend = backend
+        self.steps = 0
+
+    def step(self) -> None:
+        """Advance the beta schedule by one (call once per optimizer step)."""
+        self.steps += 1
+
+    def current_beta(self) -> float:
+        return float(self.beta_schedule(self.steps)) if self.beta_schedule is not None else self.beta
+
+    def forward(
+        self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, logvar_x: Tensor | None = None
+    ) -> ELBOOutput:
+        if self.likelihood == "gaussian":
+            recon = F.gaussian_nll_loss(x_hat, x, self.var, self.full, reduction=self.reduction,
+                                        backend=self.backend)
+        else:
+            if logvar_x is None:
+                raise ValueError("likelihood='gaussian-learned-var' needs logvar_x")
+            recon = F.gaussian_nll_loss_logvar(x_hat, x, logvar_x, self.full, reduction=self.reduction,
+                                               backend=self.backend)
+        if self.free_bits > 0:
+            per_dim = F.gaussian_kl(mu, logvar, reduction="none", backend=self.backend).flatten(1)
+            batch = mu.shape[0]
+            kl = per_dim.sum() / batch if self.reduction == "batchmean" else per_dim.sum()
+            per_dim_mean = per_dim.mean(0)
+            kl_term = per_dim_mean.clamp(min=self.free_bits).sum()
+            if self.reduction == "sum":
+                kl_term = kl_term * batch
+        else:
+            kl = kl_term = F.gaussian_kl(mu, logvar, reduction=self.reduction, backend=self.backend)
+        beta = self.current_beta()
+        return ELBOOutput(recon + beta * kl_term, recon, kl, beta)
