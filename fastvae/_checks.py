@@ -6,7 +6,7 @@ bad call never reaches a kernel.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -95,13 +95,7 @@ def check_generator(generator: object, device: torch.device) -> torch.Generator 
     return generator
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -119,12 +113,12 @@ def use_triton(backend: object, *tensors: Tensor) -> bool:
     if backend == "torch":
         return False
     t = tensors[0]
-    runnable = triton_available() and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
+    runnable = TRITON_AVAILABLE and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
     if backend == "triton" and not runnable:
         raise ValueError(
             "backend='triton' needs the triton package and CUDA tensors "
             f"(or TRITON_INTERPRET=1 for CPU tensors); got tensors on {t.device}"
         )
-    if backend is None and not (t.is_cuda and triton_available()):
+    if backend is None and not (t.is_cuda and TRITON_AVAILABLE):
         return False
     return all(x.dtype != torch.float64 for x in tensors)

@@ -41,14 +41,21 @@ def _reduce_scale(reduction: str, n: int, shape: torch.Size) -> float:
     return 1.0
 
 
+def _alloc(like: Tensor, shape, dtype: torch.dtype | None = None) -> Tensor:
+    """Every buffer a kernel writes comes from here (the tests poison them to prove full coverage)."""
+    return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
+
+
 def _finish_sum(partials: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    out = torch.empty((), dtype=dtype, device=partials.device)
+    out = _alloc(partials, (), dtype)
     reduce_k.sum_partials_kernel[(1,)](partials, out, partials.numel(), scale, BLOCK=1024)
     return out
 
 
-def _empty(like: Tensor) -> Tensor:
-    return torch.empty(0, dtype=like.dtype, device=like.device)
+def _z_shape(mu: Tensor, num_samples: int) -> tuple[int, ...]:
+    if num_samples == 0:  # not sampling
+        return (0,)
+    return ((num_samples,) if num_samples > 0 else ()) + tuple(mu.shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -71,18 +78,11 @@ def _sample_kl_op(
     n = mu.numel()
     sample = num_samples != 0
     k = max(num_samples, 1)
-    if sample:
-        z = torch.empty(((k,) if num_samples > 0 else ()) + tuple(mu.shape), dtype=mu.dtype, device=mu.device)
-    else:
-        z = _empty(mu)
+    z = _alloc(mu, _z_shape(mu, num_samples))
     block, warps = _launch_config(n)
     grid = (triton.cdiv(n, block),)
-    if kl_mode == KL_ELEMENTWISE:
-        kl_buf = torch.empty_like(mu)
-    elif kl_mode == KL_REDUCED:
-        kl_buf = torch.empty(grid[0], dtype=torch.float32, device=mu.device)
-    else:
-        kl_buf = _empty(mu)
+    kl_buf = _alloc(mu, {KL_ELEMENTWISE: mu.shape, KL_REDUCED: grid}.get(kl_mode, (0,)),
+                    torch.float32 if kl_mode == KL_REDUCED else None)
     if n:
         sampling_k.sample_kl_fwd_kernel[grid](
             mu, logvar, mu_p, logvar_p, seed, z, kl_buf, n, k,
@@ -96,12 +96,8 @@ def _sample_kl_op(
 
 @_sample_kl_op.register_fake
 def _(mu, logvar, mu_p, logvar_p, seed, num_samples, kl_mode, kl_scale):
-    if num_samples == 0:
-        z = mu.new_empty(0)
-    else:
-        z = mu.new_empty(((num_samples,) if num_samples > 0 else ()) + tuple(mu.shape))
-    kl = {KL_ELEMENTWISE: mu.new_empty(mu.shape), KL_REDUCED: mu.new_empty(())}.get(kl_mode, mu.new_empty(0))
-    return z, kl
+    return mu.new_empty(_z_shape(mu, num_samples)), mu.new_empty({KL_ELEMENTWISE: mu.shape, KL_REDUCED: ()}
+                                                                  .get(kl_mode, (0,)))
 
 
 @torch.library.custom_op("fastvae::sample_kl_backward", mutates_args=())
@@ -118,9 +114,7 @@ def _sample_kl_backward_op(
     kl_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = mu.numel()
-    grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
-    grad_mu_p = torch.empty_like(mu_p) if mu_p is not None else _empty(mu)
-    grad_logvar_p = torch.empty_like(logvar_p) if logvar_p is not None else _empty(mu)
+    grad_mu, grad_logvar, grad_mu_p, grad_logvar_p = _sample_kl_grads(mu, mu_p, logvar_p, _alloc)
     has_gz = grad_z is not None and num_samples != 0
     if grad_kl is None:
         kl_mode = KL_OFF
@@ -137,14 +131,18 @@ def _sample_kl_backward_op(
     return grad_mu, grad_logvar, grad_mu_p, grad_logvar_p
 
 
+def _sample_kl_grads(mu: Tensor, mu_p: Tensor | None, logvar_p: Tensor | None, alloc) -> tuple[Tensor, ...]:
+    return (
+        alloc(mu, mu.shape),
+        alloc(mu, mu.shape),
+        alloc(mu, mu_p.shape if mu_p is not None else (0,)),
+        alloc(mu, logvar_p.shape if logvar_p is not None else (0,)),
+    )
+
+
 @_sample_kl_backward_op.register_fake
 def _(grad_z, grad_kl, mu, logvar, mu_p, logvar_p, seed, num_samples, kl_mode, kl_scale):
-    return (
-        torch.empty_like(mu),
-        torch.empty_like(logvar),
-        torch.empty_like(mu_p) if mu_p is not None else mu.new_empty(0),
-        torch.empty_like(logvar_p) if logvar_p is not None else mu.new_empty(0),
-    )
+    return _sample_kl_grads(mu, mu_p, logvar_p, lambda like, shape: like.new_empty(shape))
 
 
 def _sample_kl_setup(ctx, inputs, output):
@@ -244,6 +242,19 @@ def _var_index(in_shape: torch.Size, var_shape: torch.Size) -> tuple[int, int, i
     return None
 
 
+def _var_grad_plan(var_mode: int, reduction: str, grad_var: bool, dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """How the variance's gradient is written: per program and summed (a scalar variance under a
+    reduction), per element in var's dtype (a full variance), or per element in fp32 and summed over the
+    broadcast dims in backward (any other broadcast, and reduction="none", whose grad_output is per element)."""
+    if not grad_var:
+        return GV_OFF, dtype
+    if var_mode == VAR_SCALAR and reduction != "none":
+        return GV_PARTIAL, torch.float32
+    if var_mode == VAR_FULL:
+        return GV_ELEMENTWISE, dtype
+    return GV_ELEMENTWISE, torch.float32
+
+
 def nll_supported(input: Tensor, target: Tensor, var: Tensor) -> bool:
     """What the kernel covers; anything else takes the eager reference, with torch's semantics."""
     return (
@@ -274,16 +285,10 @@ def _gaussian_nll_op(
     grid = (triton.cdiv(n, block),)
     reduce = reduction != "none"
     scale = _reduce_scale(reduction, n, input.shape)
-    loss = torch.empty(grid[0], dtype=torch.float32, device=dev) if reduce else torch.empty_like(input)
-    gx = torch.empty_like(input) if grad_input else _empty(input)
-    if not grad_var:
-        gv_mode, gv = GV_OFF, _empty(input)
-    elif mode == VAR_SCALAR and reduce:
-        gv_mode, gv = GV_PARTIAL, torch.empty(grid[0], dtype=torch.float32, device=dev)
-    elif mode == VAR_FULL:
-        gv_mode, gv = GV_ELEMENTWISE, torch.empty_like(input)
-    else:  # a broadcast variance: per-element terms, summed over the broadcast dims in backward
-        gv_mode, gv = GV_ELEMENTWISE, torch.empty(input.shape, dtype=torch.float32, device=dev)
+    loss = _alloc(input, grid, torch.float32) if reduce else _alloc(input, input.shape)
+    gx = _alloc(input, input.shape if grad_input else (0,))
+    gv_mode, gv_dtype = _var_grad_plan(mode, reduction, grad_var, input.dtype)
+    gv = _alloc(input, {GV_OFF: (0,), GV_PARTIAL: grid}.get(gv_mode, input.shape), gv_dtype)
     neg = torch.zeros(1, dtype=torch.int32, device=dev)
     if n:
         nll_k.gaussian_nll_fwd_kernel[grid](
@@ -303,17 +308,10 @@ def _gaussian_nll_op(
 
 @_gaussian_nll_op.register_fake
 def _(input, target, var, full, eps, reduction, logvar_form, grad_input, grad_var):
-    loss = input.new_empty(()) if reduction != "none" else input.new_empty(input.shape)
-    gx = input.new_empty(input.shape) if grad_input else input.new_empty(0)
-    mode = _var_index(input.shape, var.shape)[0]
-    if not grad_var:
-        gv = input.new_empty(0)
-    elif mode == VAR_SCALAR and reduction != "none":
-        gv = input.new_empty((), dtype=torch.float32)
-    elif mode == VAR_FULL:
-        gv = input.new_empty(input.shape)
-    else:
-        gv = input.new_empty(input.shape, dtype=torch.float32)
+    loss = input.new_empty(() if reduction != "none" else input.shape)
+    gx = input.new_empty(input.shape if grad_input else (0,))
+    gv_mode, gv_dtype = _var_grad_plan(_var_index(input.shape, var.shape)[0], reduction, grad_var, input.dtype)
+    gv = input.new_empty({GV_OFF: (0,), GV_PARTIAL: ()}.get(gv_mode, input.shape), dtype=gv_dtype)
     return loss, gx, gv, input.new_empty(1, dtype=torch.int32)
 
 
@@ -358,7 +356,10 @@ def _nll_backward(ctx, grad_loss, _gx, _gv, _neg):
             _scale_grad_op(gv, grad_loss)
             grad_var = gv
         else:  # a scalar total, or per-element terms of a broadcast variance
-            grad_var = (gv * grad_loss).sum_to_size(ctx.var_shape).to(ctx.var_dtype)
+            g = gv * grad_loss
+            grad_var = (g.reshape(ctx.var_shape) if g.numel() == 1 else g.sum_to_size(ctx.var_shape)).to(
+                ctx.var_dtype
+            )
     return grad_input, grad_target, grad_var, None, None, None, None, None, None
 
 
