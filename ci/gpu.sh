@@ -19,15 +19,15 @@ print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__vers
                   "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}))
 PY
 status=0
-run() { echo "+ $*"; "$@" || status=1; }
-run $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$RESULTS/tests_torch.log"
-FASTVAE_TEST_BACKEND=triton run $PY -m pytest -q -p no:cacheprovider -m "not torch_only" \
-    tests/test_functional.py tests/test_nn.py tests/test_triton.py tests/test_cuda.py 2>&1 \
-    | tee "$RESULTS/tests_triton.log"
+# run LOG CMD...: run CMD, keep its output in LOG, remember a failure
+run() { local log=$1; shift; echo "+ $*"; "$@" 2>&1 | tee "$log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1; }
+run "$RESULTS/tests_torch.log" $PY -m pytest -q -p no:cacheprovider tests
+run "$RESULTS/tests_triton.log" env FASTVAE_TEST_BACKEND=triton $PY -m pytest -q -p no:cacheprovider \
+    -m "not torch_only" tests/test_functional.py tests/test_nn.py tests/test_triton.py tests/test_cuda.py
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
-    run $PY -m pytest -q -p no:cacheprovider bench --benchmark-only \
-        --benchmark-json "$RESULTS/results.json" 2>&1 | tail -n 60 | tee "$RESULTS/bench.log"
-    run $PY bench/report.py "$RESULTS/results.json" --out "$RESULTS"
+    run "$RESULTS/bench.log" $PY -m pytest -q -p no:cacheprovider bench --benchmark-only \
+        --benchmark-json "$RESULTS/results.json"
+    run "$RESULTS/report.log" $PY bench/report.py "$RESULTS/results.json" --out "$RESULTS"
 fi
 echo "results in $RESULTS; status $status"
 exit $status
