@@ -3,7 +3,7 @@
 Forward, per element i of mu/logvar (N elements) and sample k < K:
 
     std      = exp(0.5 * logvar)
-    eps[k,i] = Philox-normal(seed, k * N + i)                   (drawn here, never stored)
+    eps[k,i] = Philox-normal(seed, k * ceil(N/4) + i // 4)[i % 4]   (drawn here, never stored)
     z[k,i]   = mu + std * eps[k,i]
     kl[i]    = 0.5 * (logvar_p - logvar + (exp(logvar) + (mu - mu_p)^2) * exp(-logvar_p) - 1)
 
@@ -21,6 +21,10 @@ Backward regenerates eps from the same seed and counters:
 where g_kl is the per-element KL gradient or the scalar grad_output times the reduction's scale, read on the
 device. Bytes: reads K*N (grad_z) + 2N, writes 2N (plus 2N in, 2N out with a prior).
 
+One Philox call (10 rounds) yields four normals (two Box-Muller pairs), so each program works on a
+[BLOCK/4, 4] tile: a row is one counter and four neighbouring elements, which keeps the loads contiguous
+and spends a quarter of the integer work of one call per element.
+
 Offsets are int64 throughout, so tensors past 2^31 elements index correctly; Philox takes the 64-bit
 counter as two 32-bit words.
 """
@@ -32,6 +36,29 @@ import triton.language as tl
 KL_OFF = tl.constexpr(0)  # sampling only
 KL_ELEMENTWISE = tl.constexpr(1)  # reduction="none": one value (or one gradient) per element
 KL_REDUCED = tl.constexpr(2)  # one fp32 partial per program; backward gets a scalar gradient
+
+
+@triton.jit
+def _tile(pid, n, BLOCK: tl.constexpr):
+    """Element offsets of this program as a [BLOCK/4, 4] tile, its Philox counters, and the bounds mask."""
+    rows = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    offs = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
+    return offs, rows, offs < n
+
+
+@triton.jit
+def _noise(seed, counters):
+    """eps for a tile: the four normals of each row's Philox counter spread over the row's four elements.
+    Sample k of row r uses counter k * ceil(n/4) + r (int64, advanced by the caller)."""
+    r0, r1, r2, r3 = tl.randn4x(seed, counters)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, r0[:, None],
+                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+
+
+@triton.jit
+def _tile_sum(x, mask):
+    return tl.sum(tl.sum(tl.where(mask, x, 0.0), axis=1), axis=0)
 
 
 @triton.jit
@@ -56,26 +83,25 @@ def sample_kl_fwd_kernel(
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, rows, mask = _tile(tl.program_id(0), n, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
         seed = tl.load(seed_ptr)
         std = tl.exp(0.5 * lv)
-        idx = offs
+        z_offs, counters = offs, rows
         for _ in range(num_samples):
-            eps = tl.randn(seed, idx)
-            tl.store(z_ptr + idx, (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
-            idx += n
+            eps = _noise(seed, counters)
+            tl.store(z_ptr + z_offs, (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
+            z_offs += n
+            counters += (n + 3) // 4
     if KL_MODE != KL_OFF:
         d, inv_var_p, lvp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P)
         kl = 0.5 * (lvp - lv + (tl.exp(lv) + d * d) * inv_var_p - 1.0)
         if KL_MODE == KL_ELEMENTWISE:
             tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(kl_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+            tl.store(kl_ptr + tl.program_id(0), _tile_sum(kl, mask))
 
 
 @triton.jit
@@ -86,22 +112,21 @@ def sample_kl_bwd_kernel(
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, rows, mask = _tile(tl.program_id(0), n, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gmu = tl.zeros([BLOCK], dtype=tl.float32)
-    glv = tl.zeros([BLOCK], dtype=tl.float32)
+    gmu = tl.zeros_like(mu)
+    glv = tl.zeros_like(mu)
     if HAS_GZ:
         seed = tl.load(seed_ptr)
-        idx = offs
-        g_eps = tl.zeros([BLOCK], dtype=tl.float32)
+        gz_offs, counters = offs, rows
+        g_eps = tl.zeros_like(mu)
         for _ in range(num_samples):
-            gz = tl.load(gz_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            gz = tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)
             gmu += gz
-            g_eps += gz * tl.randn(seed, idx)
-            idx += n
+            g_eps += gz * _noise(seed, counters)
+            gz_offs += n
+            counters += (n + 3) // 4
         glv = 0.5 * tl.exp(0.5 * lv) * g_eps
     if KL_MODE != KL_OFF:
         if KL_MODE == KL_ELEMENTWISE:
