@@ -23,7 +23,8 @@ status=0
 run() { local log=$1; shift; echo "+ $*"; "$@" 2>&1 | tee "$log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1; }
 run "$RESULTS/tests_torch.log" $PY -m pytest -q -p no:cacheprovider tests
 run "$RESULTS/tests_triton.log" env FASTVAE_TEST_BACKEND=triton $PY -m pytest -q -p no:cacheprovider \
-    -m "not torch_only" tests/test_functional.py tests/test_nn.py tests/test_triton.py tests/test_cuda.py
+    -m "not torch_only" tests/test_functional.py tests/test_nn.py tests/test_torch_parity.py \
+    tests/test_triton.py tests/test_cuda.py
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
     run "$RESULTS/bench.log" $PY -m pytest -q -p no:cacheprovider bench --benchmark-only \
         --benchmark-json "$RESULTS/results.json"
