@@ -1,0 +1,132 @@
+"""Small VAEs for images, written as the example to copy: an MLP and a conv encoder/decoder.
+
+Both take images ``(B, C, H, W)`` with values in [0, 1]. The encoder gives q(z|x) = N(mu, diag(exp(logvar))),
+``fastvae.reparameterize_kl`` draws z and the KL against N(0, I) in one pass, and the decoder gives the mean
+of p(x|z) = N(x_hat, var) (sigmoid, so in [0, 1]). With ``learned_var=True`` the decoder also learns one
+log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaussian-learned-var")``.
+
+    model = ConvVAE(in_channels=1, image_size=28, latent_dim=16)
+    out = model(x)                                   # VAEOutput(x_hat, logvar_x, mu, logvar, kl)
+    loss = fastvae.nn.ELBOLoss(var=0.1)(out.x_hat, x, out.mu, out.logvar).loss
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+import fastvae
+
+__all__ = ["VAEOutput", "VAE", "MLPVAE", "ConvVAE", "build_model"]
+
+# floor of the learned per-pixel log-variance: pixels that are always 0 (digit borders) would otherwise drive
+# their variance, and the likelihood, to infinity
+LOGVAR_X_MIN = -6.0
+LOGVAR_X_INIT = -3.0  # variance 0.05 to start with: a unit variance would take long to shrink
+
+
+class VAEOutput(NamedTuple):
+    x_hat: Tensor  # decoder mean, the shape of x
+    logvar_x: Tensor | None  # learned log-variance of p(x|z), broadcasts to x; None for a fixed variance
+    mu: Tensor  # (B, latent_dim)
+    logvar: Tensor  # (B, latent_dim)
+    kl: Tensor  # KL(q(z|x) || N(0, I)) summed over latent dims, mean over the batch
+
+
+class VAE(nn.Module):
+    """Shared forward: encode, sample z with its KL, decode. Subclasses set ``encoder``, ``decoder``."""
+
+    encoder: nn.Module  # x -> (B, 2 * latent_dim): mu and logvar side by side
+    decoder: nn.Module  # z -> x_hat before the sigmoid
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool, backend=None):
+        super().__init__()
+        self.image_shape, self.latent_dim, self.backend = tuple(image_shape), latent_dim, backend
+        self.logvar_x = nn.Parameter(torch.full(self.image_shape, LOGVAR_X_INIT)) if learned_var else None
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        x_hat = torch.sigmoid(self.decoder(z))
+        if self.logvar_x is None:
+            return x_hat, None
+        # a soft floor at LOGVAR_X_MIN that keeps a gradient everywhere
+        logvar_x = LOGVAR_X_MIN + nn.functional.softplus(self.logvar_x - LOGVAR_X_MIN)
+        return x_hat, logvar_x
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        mu, logvar = self.encode(x)
+        z, kl = fastvae.reparameterize_kl(mu, logvar, reduction="batchmean", generator=generator,
+                                          backend=self.backend)
+        x_hat, logvar_x = self.decode(z)
+        return VAEOutput(x_hat, logvar_x, mu, logvar, kl)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decoder means for z ~ N(0, I)."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_dim, device=p.device, generator=generator)
+        return self.decode(z)[0]
+
+
+class MLPVAE(VAE):
+    """Fully connected encoder and decoder on the flattened image."""
+
+    def __init__(self, image_shape=(1, 28, 28), latent_dim: int = 16, hidden: tuple[int, ...] = (512, 256),
+                 learned_var: bool = False, backend=None):
+        super().__init__(image_shape, latent_dim, learned_var, backend)
+        features = image_shape[0] * image_shape[1] * image_shape[2]
+        enc: list[nn.Module] = [nn.Flatten()]
+        for d_in, d_out in zip((features, *hidden), hidden):
+            enc += [nn.Linear(d_in, d_out), nn.SiLU()]
+        self.encoder = nn.Sequential(*enc, nn.Linear(hidden[-1], 2 * latent_dim))
+        dec: list[nn.Module] = []
+        for d_in, d_out in zip((latent_dim, *hidden[::-1]), hidden[::-1]):
+            dec += [nn.Linear(d_in, d_out), nn.SiLU()]
+        self.decoder = nn.Sequential(*dec, nn.Linear(hidden[0], features), nn.Unflatten(1, self.image_shape))
+
+
+class ConvVAE(VAE):
+    """Stride-2 convs down to at most 4 x 4 pixels (channels ``width``, 2 ``width``, ... up to 8 ``width``),
+    a linear layer to and from the latent, and the transposed convs back up to exactly ``image_size``.
+    8 x 8 digits take one conv, 28 x 28 MNIST three (28 -> 14 -> 7 -> 3), 64 x 64 images four."""
+
+    def __init__(self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, latent_dim: int = 16,
+                 width: int = 32, learned_var: bool = False, backend=None):
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        super().__init__((in_channels, h, w), latent_dim, learned_var, backend)
+        if min(h, w) < 8:
+            raise ValueError(f"ConvVAE needs images of at least 8 x 8 pixels, got {h} x {w}")
+        sizes = [(h, w)]  # spatial size after each conv: k=4, s=2, p=1 maps n to n // 2
+        while max(sizes[-1]) > 4 and min(sizes[-1]) >= 4:
+            sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+        chans = [in_channels] + [width * 2 ** min(i, 3) for i in range(len(sizes) - 1)]
+        n = len(sizes) - 1
+        enc: list[nn.Module] = []
+        for i in range(n):
+            enc += [nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1), nn.SiLU()]
+        dec: list[nn.Module] = []
+        for i in reversed(range(n)):
+            # a transposed conv with k=4, s=2, p=1 maps n to 2n + output_padding: pads odd sizes back up
+            pad = (sizes[i][0] - 2 * sizes[i + 1][0], sizes[i][1] - 2 * sizes[i + 1][1])
+            dec += [nn.ConvTranspose2d(chans[i + 1], chans[i], 4, 2, 1, output_padding=pad), nn.SiLU()]
+        dec.pop()  # no activation after the last layer: decode() applies the sigmoid
+        flat = chans[-1] * sizes[-1][0] * sizes[-1][1]
+        self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, 2 * latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.SiLU(),
+                                     nn.Unflatten(1, (chans[-1], *sizes[-1])), *dec)
+
+
+def build_model(kind: str, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool = False,
+                backend=None) -> VAE:
+    """``kind`` "mlp" or "conv", for images of ``image_shape`` = (C, H, W)."""
+    if kind == "mlp":
+        return MLPVAE(image_shape, latent_dim, learned_var=learned_var, backend=backend)
+    if kind == "conv":
+        c, h, w = image_shape
+        return ConvVAE(c, (h, w), latent_dim, learned_var=learned_var, backend=backend)
+    raise ValueError(f"model must be 'mlp' or 'conv', got {kind!r}")

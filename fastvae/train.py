@@ -1,0 +1,497 @@
+"""Train a VAE with fastvae's loss: ``python -m fastvae.train`` or ``fastvae-train``.
+
+With no arguments it trains on scikit-learn's handwritten digits (8 x 8, offline) on CUDA if present, else on
+the CPU, and writes figures, ``metrics.jsonl`` and ``checkpoint.pt`` to ``runs/<timestamp>``. The same
+command runs data-parallel under ``torchrun --nproc_per_node=N -m fastvae.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .models import build_model
+from .nn import ELBOLoss
+
+REFERENCE_BATCH = 256  # --lr is the learning rate at this global batch size
+# the settings that may change when a run is resumed; everything else comes from the checkpoint
+RESUMABLE = ("epochs", "out", "resume", "backend", "amp", "device", "data_dir", "download", "max_steps",
+             "debug_ranks")
+
+DESCRIPTION = """\
+Train a VAE with fastvae's fused loss. With no arguments: scikit-learn's handwritten digits (offline), on
+CUDA if present, else the CPU; writes reconstructions.png, samples.png, latent.png (--latent-dim 2),
+curves.png, metrics.jsonl and checkpoint.pt to --out."""
+
+EPILOG = f"""\
+learning rate and batch size (large batches are the point):
+  --batch-size is per process: the global batch is B = batch-size x processes. --lr is the Adam rate at
+  B = {REFERENCE_BATCH}; the run uses lr x B / {REFERENCE_BATCH} (--lr-scaling linear, Goyal et al. 2017), \
+lr x sqrt(B / {REFERENCE_BATCH})
+  (sqrt, gentler for Adam at very large B) or lr (none), reached by a linear warm-up from 0 over
+  --lr-warmup.
+  --lr-warmup and --kl-warmup take epochs ("5", "0.5") or optimizer steps ("200steps").
+
+--resume restores a run's settings and state; only --epochs, --out, --backend, --amp, --device,
+--data-dir, --download and --max-steps may differ.
+
+examples:
+  python -m fastvae.train                                  # digits, well under a minute on a laptop CPU
+  python -m fastvae.train --dataset mnist --download --model conv --batch-size 1024
+  torchrun --nproc_per_node=4 -m fastvae.train --dataset mnist --batch-size 512   # B = 2048
+  python -m fastvae.train --resume runs/20250101-120000 --epochs 200               # continue to 200
+"""
+
+
+class CLIError(Exception):
+    """A problem with the command line or the environment, printed as one line (no traceback)."""
+
+
+def _positive_int(s: str) -> int:
+    if not s.lstrip("-").isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def _nonneg_float(s: str, least: float = 0.0, strict: bool = False) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not (v > least if strict else v >= least) or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a number {'>' if strict else '>='} {least:g}, got {s!r}")
+    return v
+
+
+_positive_float = partial(_nonneg_float, strict=True)
+
+
+def _duration(s: str) -> str:
+    """Epochs ("5", "0.5") or optimizer steps ("200steps"); kept as the string (checkpoints store args)."""
+    try:
+        _nonneg_float(s[: -len("steps")] if s.endswith("steps") else s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be epochs ('5') or steps ('200steps'), got {s!r}") from None
+    return s
+
+
+def _to_steps(duration: str, steps_per_epoch: int) -> int:
+    if duration.endswith("steps"):
+        return int(float(duration[: -len("steps")]))
+    return round(float(duration) * steps_per_epoch)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: X)", except for flags and unset options
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastvae-train", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=_Formatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="digits", choices=("digits", "mnist", "fashion-mnist"),
+                      help="digits: scikit-learn's, offline; mnist, fashion-mnist: torchvision")
+    data.add_argument("--data-dir", default="data", metavar="DIR", help="where torchvision finds the files")
+    data.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
+    model = p.add_argument_group("model and loss")
+    model.add_argument("--model", default="mlp", choices=("mlp", "conv"), help="see fastvae/models.py")
+    model.add_argument("--latent-dim", type=_positive_int, default=8, metavar="N", help="2: also latent.png")
+    model.add_argument("--likelihood", default="gaussian", choices=("gaussian", "gaussian-learned-var"),
+                       help="p(x|z) = N(x_hat, --var), or with a learned variance per pixel")
+    model.add_argument("--var", type=_positive_float, default=0.02, help="the fixed variance of p(x|z)")
+    model.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL term")
+    model.add_argument("--free-bits", type=_nonneg_float, default=0.0, metavar="NATS",
+                       help="least KL counted per latent dim")
+    model.add_argument("--kl-warmup", type=_duration, default="0", metavar="T",
+                       help="linear beta warm-up from 0, in epochs or steps")
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--epochs", type=_positive_int, default=100, metavar="N", help="total, also on --resume")
+    opt.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="per process")
+    opt.add_argument("--lr", type=_positive_float, default=2e-3,
+                     help=f"Adam learning rate at a global batch of {REFERENCE_BATCH}; see --lr-scaling")
+    opt.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt", "none"),
+                     help="how the learning rate follows the global batch size")
+    opt.add_argument("--lr-warmup", type=_duration, default="2", metavar="T",
+                     help="linear learning-rate warm-up, in epochs or steps")
+    opt.add_argument("--seed", type=int, default=0, help="model init, data order and noise")
+    run = p.add_argument_group("execution")
+    run.add_argument("--backend", default="triton", choices=("triton", "torch", "compile"),
+                     help="triton: fastvae's dispatch (the kernels on CUDA, eager on CPU); torch: eager "
+                          "PyTorch; compile: torch.compile of the model")
+    run.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast the model to bfloat16")
+    run.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if there")
+    run.add_argument("--out", default=None, metavar="DIR", help="runs/<timestamp>, or the resumed run folder")
+    run.add_argument("--resume", default=None, metavar="PATH", help="run folder or checkpoint.pt to continue")
+    run.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                     help="stop after N optimizer steps in all (smoke tests)")
+    run.add_argument("--debug-ranks", action="store_true", help=argparse.SUPPRESS)  # rank{r}.json per process
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def load_data(name: str, data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, held-out images, held-out labels); images (N, C, H, W) float32 in [0, 1]."""
+    if name == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise CLIError("--dataset digits needs scikit-learn: pip install scikit-learn") from None
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # one fixed split
+        test, train = perm[: len(x) // 5], perm[len(x) // 5:]
+        return x[train], x[test], y[test]
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise CLIError(f"--dataset {name} needs torchvision: pip install torchvision "
+                       "(or pip install -e '.[examples]')") from None
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    try:
+        train, test = (cls(data_dir, train=t, download=download) for t in (True, False))
+    except (RuntimeError, OSError) as e:
+        where = Path(data_dir) / cls.__name__ / "raw"
+        hint = "" if download else "; pass --download, or put the four *-ubyte.gz files there"
+        raise CLIError(f"{name} not found in {where}{hint} ({str(e).splitlines()[0]})") from None
+    return train.data[:, None] / 255.0, test.data[:, None] / 255.0, test.targets
+
+
+# ------------------------------------------------------------------------------------------- distributed
+
+
+def setup_device(choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda, but torch sees no CUDA device")
+    cuda = torch.cuda.is_available() and choice != "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def seed_for(*parts) -> int:
+    """A 63-bit seed per (base seed, rank, epoch, ...): independent streams, reproducible on resume."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS: KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def learning_rate(args, step: int, steps_per_epoch: int, world: int) -> float:
+    ratio = args.batch_size * world / REFERENCE_BATCH
+    peak = args.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[args.lr_scaling]
+    warmup = _to_steps(args.lr_warmup, steps_per_epoch)
+    return peak * min(1.0, (step + 1) / warmup) if warmup > 0 else peak
+
+
+def elbo_terms(net, loss_fn, x: torch.Tensor, gen, amp):
+    """The model under ``amp()`` (autocast with --amp bf16), the loss in float32."""
+    with amp():
+        out = net(x, generator=gen)
+    logvar_x = None if out.logvar_x is None else out.logvar_x.float()
+    return loss_fn(out.x_hat.float(), x, out.mu.float(), out.logvar.float(), logvar_x)
+
+
+def evaluate(model, loss_fn, x: torch.Tensor, rank: int, world: int, gen, amp) -> dict[str, float]:
+    """Held-out recon and KL (beta 1, no free bits): rank r takes images r, r + world, ...; summed."""
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # recon, kl (times images), images
+    with torch.no_grad():
+        for chunk in x[rank::world].split(1024):
+            e = elbo_terms(model, loss_fn, chunk, gen, amp)
+            sums += torch.stack([e.recon, e.kl, torch.ones_like(e.kl)]).double() * len(chunk)
+    recon, kl, n = all_reduce(sums).tolist()
+    return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n}
+
+
+def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -> dict[str, float]:
+    """One pass over this rank's shard; returns the epoch's means over all ranks and images/s."""
+    args, net, loss_fn, opt = state["args"], state["net"], state["loss_fn"], state["opt"]
+    state["sampler"].set_epoch(epoch)
+    order = torch.tensor(list(state["sampler"]), device=x_train.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=x_train.device)  # loss, recon, kl (x images), images
+    t0 = shown = time.perf_counter()
+    for batch in order.split(args.batch_size)[: state["steps_per_epoch"]]:
+        if args.max_steps is not None and state["step"] >= args.max_steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, state["step"], state["steps_per_epoch"], state["world"])
+        x = x_train[batch]
+        elbo = elbo_terms(net, loss_fn, x, gen, amp)
+        opt.zero_grad(set_to_none=True)
+        elbo.loss.backward()
+        opt.step()
+        loss_fn.step()  # advances the beta schedule
+        state["step"], state["beta"] = state["step"] + 1, elbo.beta
+        terms = torch.stack([elbo.loss, elbo.recon, elbo.kl, torch.ones_like(elbo.kl)]).detach()
+        sums += terms.double() * len(x)
+        if args.debug_ranks:
+            state["losses"].append(elbo.loss.item())
+        bar.update()
+        if not bar.disable and time.perf_counter() - shown > 0.25:  # a host sync, a few times a second
+            shown = time.perf_counter()
+            bar.set_postfix(loss=f"{elbo.loss.item():.2f}",
+                            img_s=f"{sums[3].item() * state['world'] / (shown - t0):,.0f}")
+    seconds = time.perf_counter() - t0
+    loss, recon, kl, n = all_reduce(sums).tolist()
+    if not math.isfinite(loss):
+        raise CLIError(f"the loss is {loss} in epoch {epoch}: lower --lr, or try --lr-scaling sqrt or a "
+                       "longer --lr-warmup")
+    n = max(n, 1.0)
+    return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n, "loss": loss / n,
+            "images_per_s": n / seconds, "epoch_s": seconds}
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def _grid(images: torch.Tensor, ncol: int):
+    """(N, C, H, W) in [0, 1] -> one (rows (H+1), ncol (W+1), C) array with 1-pixel gaps."""
+    n, c, h, w = images.shape
+    rows = -(-n // ncol)
+    out = torch.ones(rows * (h + 1) - 1, ncol * (w + 1) - 1, c)
+    for i, img in enumerate(images.float().clamp(0, 1).cpu()):
+        r, q = divmod(i, ncol)
+        out[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = img.permute(1, 2, 0)
+    return (out[..., 0] if c == 1 else out).numpy()
+
+
+def _show(ax, images: torch.Tensor, ncol: int, title: str) -> None:
+    ax.imshow(_grid(images, ncol), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+
+
+def write_figures(out: Path, model, x_test, y_test, history: list[dict], seed: int) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in any process
+
+    model.eval()
+    with torch.no_grad():
+        x = x_test[:16]
+        fig = Figure(figsize=(8, 1.6), layout="constrained")
+        top, bottom = fig.subplots(2, 1)
+        _show(top, x, 16, "held-out inputs")
+        _show(bottom, model.decode(model.encode(x)[0])[0], 16, "reconstructions (decoder mean at z = mu)")
+        fig.savefig(out / "reconstructions.png", dpi=150)
+
+        gen = torch.Generator(x_test.device).manual_seed(seed)
+        fig = Figure(figsize=(5, 5.3), layout="constrained")
+        _show(fig.subplots(), model.sample(64, generator=gen), 8, "samples: decoder mean, z ~ N(0, I)")
+        fig.savefig(out / "samples.png", dpi=150)
+
+        if model.latent_dim == 2:
+            q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.03, 0.97, 15))
+            z = torch.stack(torch.meshgrid(q, -q, indexing="xy"), -1).reshape(-1, 2).to(x_test.device)
+            mu = torch.cat([model.encode(c)[0] for c in x_test.split(1024)]).cpu()
+            fig = Figure(figsize=(10, 5), layout="constrained")
+            left, right = fig.subplots(1, 2)
+            _show(left, model.decode(z)[0], 15, "decoder over z in N(0, I) quantiles 0.03 .. 0.97")
+            points = right.scatter(mu[:, 0], mu[:, 1], c=y_test.cpu(), cmap="tab10", s=6)
+            right.set(title="held-out posterior means", xlabel="z1", ylabel="z2")
+            fig.colorbar(points, ax=right, label="label")
+            fig.savefig(out / "latent.png", dpi=150)
+    model.train()
+
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    epochs = [m["epoch"] for m in history]
+    for ax, key, title in zip(fig.subplots(1, 3), ("elbo", "recon", "kl"),
+                              ("ELBO (nats / image)", "reconstruction -log p(x|z)", "KL(q(z|x) || p(z))")):
+        for split, label in (("train", "train"), ("test", "held-out")):
+            ax.plot(epochs, [m[f"{split}_{key}"] for m in history], marker="." if len(epochs) < 30 else "",
+                    label=label)
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(out / "curves.png", dpi=150)
+
+
+def summary_table(history: list[dict]) -> str:
+    cols = [("epoch", "epoch", "{:d}"), ("train ELBO", "train_elbo", "{:.2f}"),
+            ("held-out ELBO", "test_elbo", "{:.2f}"), ("recon", "test_recon", "{:.2f}"),
+            ("KL", "test_kl", "{:.2f}"), ("beta", "beta", "{:.2f}"), ("images/s", "images_per_s", "{:,.0f}"),
+            ("peak MiB", "peak_mem_mb", "{:,.0f}")]
+    rows = history if len(history) <= 12 else [history[round(i * (len(history) - 1) / 11)] for i in range(12)]
+    cells = [[name for name, _, _ in cols]] + [[fmt.format(m[key]) for _, key, fmt in cols] for m in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CLIError as e:
+        print(f"fastvae-train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401  (the figures, at the end)
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise CLIError("needs tqdm and matplotlib: pip install tqdm matplotlib") from None
+    ckpt = None
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "checkpoint.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise CLIError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        vars(args).update({k: v for k, v in ckpt["args"].items() if k not in RESUMABLE})
+        args.out = args.out or str(path.parent)
+    rank, world, device = setup_device(args.device)
+    out = [args.out or time.strftime("runs/%Y%m%d-%H%M%S")]
+    if world > 1:
+        dist.broadcast_object_list(out)  # one folder, named by rank 0
+    out = Path(out[0])
+
+    if args.download and world > 1 and rank != 0:
+        dist.barrier()  # rank 0 downloads first
+    x_train, x_test, y_test = load_data(args.dataset, args.data_dir, args.download)
+    if args.download and world > 1 and rank == 0:
+        dist.barrier()
+    x_train, x_test = x_train.to(device), x_test.to(device)
+
+    torch.manual_seed(args.seed)  # the same initial parameters on every rank
+    backend = "torch" if args.backend == "torch" else None  # None: the kernels on CUDA, eager elsewhere
+    model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim,
+                        learned_var=args.likelihood == "gaussian-learned-var", backend=backend).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sampler = torch.utils.data.DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise CLIError(f"--batch-size {args.batch_size} is more than the {len(sampler)} training images per "
+                       "process")
+    kl_steps = _to_steps(args.kl_warmup, steps_per_epoch)
+    schedule = (lambda step: args.beta * min(1.0, step / kl_steps)) if kl_steps > 0 else None
+    loss_fn = ELBOLoss(likelihood=args.likelihood, var=args.var, beta=args.beta, free_bits=args.free_bits,
+                       beta_schedule=schedule, full=True, backend=backend)
+    history, start = [], 1
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        loss_fn.steps, start = ckpt["step"], ckpt["epoch"] + 1
+        history = ckpt["history"]
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                        else None)
+    if args.backend == "compile":
+        net = torch.compile(net)
+    amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext
+    # this rank's noise, reseeded per epoch from (seed, rank, epoch); torch.compile cannot trace an explicit
+    # generator (a graph break), so there it comes from torch's default generator, seeded the same way
+    gen = None if args.backend == "compile" else torch.Generator(device)
+    eval_gen = torch.Generator(device)
+    state = {"args": args, "net": net, "loss_fn": loss_fn, "opt": opt, "sampler": sampler, "world": world,
+             "steps_per_epoch": steps_per_epoch, "step": loss_fn.steps, "beta": loss_fn.current_beta(),
+             "losses": []}
+    noise_head = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "w") as f:  # a resumed run keeps its epochs up to the checkpoint
+            f.writelines(json.dumps(m) + "\n" for m in history)
+        print(f"fastvae-train: {args.dataset} ({len(x_train)} train, {len(x_test)} held-out), {args.model} "
+              f"VAE, {world} x {device}, backend {args.backend}, {args.epochs} epochs -> {out}")
+        if start > args.epochs:
+            print(f"the checkpoint is at epoch {start - 1}: pass --epochs > {start - 1} to train on")
+
+    t_start = time.perf_counter()
+    for epoch in range(start, args.epochs + 1):
+        if args.max_steps is not None and state["step"] >= args.max_steps:
+            break
+        seed = seed_for(args.seed, rank, epoch)
+        torch.manual_seed(seed) if gen is None else gen.manual_seed(seed)
+        if noise_head is None:  # the start of this rank's noise, for --debug-ranks
+            peek = torch.Generator(device).manual_seed(seed)
+            noise_head = torch.randn(8, generator=peek, device=device).tolist()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False,
+                  disable=None if rank == 0 else True, dynamic_ncols=True) as bar:
+            train = train_epoch(state, epoch, x_train, gen, amp, bar)
+        # the same held-out noise every epoch, so that epochs compare on equal terms
+        eval_gen.manual_seed(seed_for(args.seed, rank))
+        test = evaluate(model, loss_fn, x_test, rank, world, eval_gen, amp)
+        mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), dist.ReduceOp.MAX).item()
+        speed = {k: train.pop(k) for k in ("images_per_s", "epoch_s")}
+        metrics = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v for k, v in train.items()},
+                   **{f"test_{k}": v for k, v in test.items()}, "beta": state["beta"],
+                   "lr": opt.param_groups[0]["lr"], **speed, "peak_mem_mb": mem, "world_size": world}
+        history.append(metrics)
+        if rank == 0:
+            tqdm.write(f"epoch {epoch:3d}  train ELBO {train['elbo']:8.2f}  held-out ELBO {test['elbo']:8.2f}"
+                       f"  recon {test['recon']:8.2f}  KL {test['kl']:6.2f}"
+                       f"  {speed['images_per_s']:,.0f} images/s", file=sys.stdout)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            ckpt = {"epoch": epoch, "step": state["step"], "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "args": vars(args), "history": history}
+            torch.save(ckpt, out / "checkpoint.tmp")
+            os.replace(out / "checkpoint.tmp", out / "checkpoint.pt")  # never a half-written checkpoint
+
+    if args.debug_ranks:
+        params = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
+        with open(out / f"rank{rank}.json", "w") as f:
+            json.dump({"rank": rank, "world_size": world, "noise_head": noise_head, "losses": state["losses"],
+                       "param_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+                       "metrics": history[-1] if history else None}, f)
+    if rank == 0:
+        write_figures(out, model, x_test, y_test, history, args.seed)
+        if history:
+            print(summary_table(history))
+            best = max(history, key=lambda m: m["test_elbo"])
+            print(f"best held-out ELBO {best['test_elbo']:.2f} nats at epoch {best['epoch']}; "
+                  f"{time.perf_counter() - t_start:.1f} s; files in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
