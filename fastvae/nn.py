@@ -61,7 +61,13 @@ class ELBOLoss(torch.nn.Module):
     ``likelihood="gaussian-learned-var"``: N(x_hat, exp(logvar_x)), logvar_x passed to forward.
     ``free_bits=lambda``: each latent dim's batch-mean KL counts as at least lambda nats (Kingma et al. 2016),
     so the encoder is not pushed to collapse unused dims. ``beta_schedule(step) -> beta`` is called with the
-    count of ``step()`` calls (e.g. a KL warm-up); without it ``beta`` is constant.
+    count of ``step()`` calls (e.g. a KL warm-up); without it ``beta`` is constant. The step count is part of
+    ``state_dict()``. Under ``torch.compile`` compile the model, not this module: a schedule's beta is a new
+    Python float every step.
+
+    ``forward(..., kl=kl)`` takes the KL that ``fastvae.reparameterize_kl`` already computed in the sampling
+    pass (with this module's reduction) instead of reading mu and logvar again; free bits need the KL per
+    latent dim, so with ``free_bits > 0`` it is recomputed from mu and logvar.
     """
 
     def __init__(
@@ -87,6 +93,12 @@ class ELBOLoss(torch.nn.Module):
         self.backend = backend
         self.steps = 0
 
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+
     def step(self) -> None:
         """Advance the beta schedule by one (call once per optimizer step)."""
         self.steps += 1
@@ -95,7 +107,13 @@ class ELBOLoss(torch.nn.Module):
         return float(self.beta_schedule(self.steps)) if self.beta_schedule is not None else self.beta
 
     def forward(
-        self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, logvar_x: Tensor | None = None
+        self,
+        x_hat: Tensor,
+        x: Tensor,
+        mu: Tensor,
+        logvar: Tensor,
+        logvar_x: Tensor | None = None,
+        kl: Tensor | None = None,
     ) -> ELBOOutput:
         if self.likelihood == "gaussian":
             recon = F.gaussian_nll_loss(x_hat, x, self.var, self.full, reduction=self.reduction,
@@ -114,6 +132,10 @@ class ELBOLoss(torch.nn.Module):
             if self.reduction == "sum":
                 kl_term = kl_term * batch
         else:
-            kl = kl_term = F.gaussian_kl(mu, logvar, reduction=self.reduction, backend=self.backend)
+            if kl is None:
+                kl = F.gaussian_kl(mu, logvar, reduction=self.reduction, backend=self.backend)
+            elif kl.dim() != 0:
+                raise ValueError(f"kl must be the reduced KL (a 0-d tensor), got shape {tuple(kl.shape)}")
+            kl_term = kl
         beta = self.current_beta()
         return ELBOOutput(recon + beta * kl_term, recon, kl, beta)

@@ -228,7 +228,8 @@ def elbo_terms(net, loss_fn, x: torch.Tensor, gen, amp):
     with amp():
         out = net(x, generator=gen)
     logvar_x = None if out.logvar_x is None else out.logvar_x.float()
-    return loss_fn(out.x_hat.float(), x, out.mu.float(), out.logvar.float(), logvar_x)
+    # the KL of the fused sampling pass; ELBOLoss recomputes it per latent dim only for free bits
+    return loss_fn(out.x_hat.float(), x, out.mu.float(), out.logvar.float(), logvar_x, kl=out.kl.float())
 
 
 def evaluate(model, loss_fn, x: torch.Tensor, rank: int, world: int, gen, amp) -> dict[str, float]:

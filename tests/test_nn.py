@@ -106,3 +106,17 @@ def test_elbo_gradients_match_eager(backend, device):
     (recon + 2.0 * kld).backward()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_elbo_takes_the_fused_kl_and_checkpoints_its_step(backend, device):
+    x, mu, lv = torch.rand(8, 3, device=device), torch.randn(8, 2, device=device), torch.randn(8, 2, device=device)
+    z, kl = fastvae.reparameterize_kl(mu, lv, reduction="batchmean", backend=backend)
+    loss_fn = fnn.ELBOLoss(beta=0.5, backend=backend)
+    torch.testing.assert_close(loss_fn(x, x.flip(0), mu, lv, kl=kl).loss, loss_fn(x, x.flip(0), mu, lv).loss)
+    with pytest.raises(ValueError, match="kl must be the reduced KL"):
+        loss_fn(x, x.flip(0), mu, lv, kl=torch.ones(8, device=device))
+    for _ in range(3):
+        loss_fn.step()
+    restored = fnn.ELBOLoss(beta=0.5)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert restored.steps == 3
