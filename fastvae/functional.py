@@ -197,7 +197,7 @@ def gaussian_nll_loss(
         if _triton.nll_supported(input, target, var):
             return _triton.gaussian_nll(input, target, var, logvar_form=False, full=full, eps=eps,
                                         reduction=reduction)
-    return reference.gaussian_nll_var(input, target, var, full, eps, reduction)
+    return reference.GaussianNLL.apply(input, target, var, False, full, float(eps), reduction)
 
 
 def gaussian_nll_loss_logvar(
@@ -230,5 +230,5 @@ def gaussian_nll_loss_logvar(
         if _triton.nll_supported(input, target, lv):
             return _triton.gaussian_nll(input, target, lv, logvar_form=True, full=full, eps=0.0,
                                         reduction=reduction)
-    return reference.gaussian_nll_logvar(input, target, logvar, full, reduction)
+    return reference.GaussianNLL.apply(input, target, logvar, True, full, 0.0, reduction)
 

@@ -15,7 +15,9 @@ with the three pieces below:
     -log p = 0.5 * (log sigma^2 + (x - x_hat)^2 / sigma^2) [+ 0.5 log 2 pi]
 
 Written for memory as much as speed: every temporary that autograd does not save is updated in place, so
-the CPU path allocates no more than the one-line formulas users write.
+the CPU path allocates no more than the one-line formulas users write. The NLL's CPU path is
+``GaussianNLL``, which like the kernel writes the gradient in the forward; ``gaussian_nll_var`` and
+``gaussian_nll_logvar`` are its formulas, kept as the oracle.
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ def gaussian_nll_var(
     var = var.to(dt).clone()
     with torch.no_grad():
         var.clamp_(min=eps)
-    diff = input.to(dt) - target.to(dt)
-    loss = (diff * diff / var).add_(torch.log(var)).mul_(0.5)
+    # no named temporaries: without grad each one is freed as soon as the next op has read it
+    loss = (torch.square(input.to(dt) - target.to(dt)) / var).add_(torch.log(var)).mul_(0.5)
     if full:
         loss = loss.add_(HALF_LOG_2PI)
     return reduce(loss, reduction).to(out_dtype)
@@ -109,8 +111,65 @@ def gaussian_nll_logvar(input: Tensor, target: Tensor, logvar: Tensor, full: boo
     """0.5 * (logvar + (input - target)^2 * exp(-logvar)) [+ 0.5 log 2 pi]."""
     out_dtype, dt = dtypes(input, target, logvar)
     lv = logvar.to(dt)
-    diff = input.to(dt) - target.to(dt)
-    loss = torch.addcmul(lv, diff * diff, torch.exp(-lv)).mul_(0.5)
+    loss = torch.addcmul(lv, torch.square(input.to(dt) - target.to(dt)), torch.exp(-lv)).mul_(0.5)
     if full:
         loss = loss.add_(HALF_LOG_2PI)
     return reduce(loss, reduction).to(out_dtype)
+
+
+class GaussianNLL(torch.autograd.Function):
+    """The CPU path of both NLL forms: the loss and its gradient in one go, like the kernel.
+
+    Autograd through the formulas above keeps several input-sized tensors for backward (the difference, its
+    square, the quotient); here the forward turns the difference into dloss/dinput in place and backward
+    only scales what was saved, so a forward+backward holds about two input-sized tensors at its peak.
+    Gradients are those of the formulas (gradcheck-tested), the var clamp included.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, var, logvar_form: bool, full: bool, eps: float, reduction: str):
+        out_dtype, dt = dtypes(input, target, var)
+        v = var.to(dt)
+        # the variance (clamped, as a divisor) or exp(-logvar) (as a factor): var-sized, often tiny
+        vc = v.clamp(min=eps) if not logvar_form else torch.exp(-v)
+        scale_by = torch.Tensor.div_ if not logvar_form else torch.Tensor.mul_
+        d = input.to(dt) - target.to(dt)
+        q = scale_by(torch.square(d), vc)  # d^2 / var
+        g_x = scale_by(d, vc) if any(ctx.needs_input_grad[:2]) else None  # d / var, in place
+        del d  # without a gradient to keep, the difference is freed here
+        need_v = ctx.needs_input_grad[2]
+        if need_v:  # dloss/dvar: 0.5 (1 - q) / var; dloss/dlogvar: 0.5 (1 - q)
+            g_v = torch.sub(1.0, q).mul_(0.5)
+            if not logvar_form:
+                g_v.div_(vc)
+        loss = q.add_(v if logvar_form else torch.log(vc)).mul_(0.5)
+        if full:
+            loss.add_(HALF_LOG_2PI)
+        n, batch = loss.numel(), (loss.shape[0] if loss.dim() else 1)
+        loss = reduce(loss, reduction)
+        if reduction != "none":
+            scale = 1.0 / n if reduction == "mean" else 1.0 / batch if reduction == "batchmean" else 1.0
+            if g_x is not None:
+                g_x.mul_(scale)
+            if need_v:  # a scalar grad_output: reduce over the broadcast dims now, keep var-sized
+                g_v = g_v.mul_(scale).sum_to_size(var.shape)
+        ctx.save_for_backward(g_x, g_v if need_v else None)
+        ctx.shapes = (input.shape, target.shape, var.shape)
+        ctx.dtypes = (input.dtype, target.dtype, var.dtype)
+        return loss.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_x, g_v = ctx.saved_tensors
+        (s_in, s_t, s_v), (t_in, t_t, t_v) = ctx.shapes, ctx.dtypes
+        grad_out = grad_out.to(g_x.dtype if g_x is not None else g_v.dtype)
+        grad_input = grad_target = grad_var = None
+        if g_x is not None:
+            g = g_x * grad_out
+            if ctx.needs_input_grad[0]:
+                grad_input = g.sum_to_size(s_in).to(t_in)
+            if ctx.needs_input_grad[1]:
+                grad_target = (-g).sum_to_size(s_t).to(t_t)
+        if g_v is not None:
+            grad_var = (g_v * grad_out).sum_to_size(s_v).to(t_v)
+        return grad_input, grad_target, grad_var, None, None, None, None
