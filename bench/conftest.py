@@ -1,0 +1,503 @@
+"""Benchmark harness: the size grid of the device, the session's copy bandwidth, and one timing helper.
+
+Run ``pytest bench/ --benchmark-only`` (add ``--benchmark-json FILE`` and ``python bench/report.py FILE`` for
+the table and the plot). The device is CUDA when there is one; ``FASTVAE_BENCH_DEVICE=cpu|cuda`` overrides it.
+``FASTVAE_BENCH_QUICK=1`` (and ``--benchmark-disable``, the CI smoke run) selects a tiny grid.
+
+Every test is parametrized shape -> dtype -> mode -> impl, impl varying fastest, so the implementations of
+one case run back to back on the same input sets. A timed call is the op alone: inputs are made beforehand,
+gradients are cleared in the untimed setup, and on CUDA each call is bracketed by device synchronization.
+Input sets smaller than ``ROTATE_BYTES`` are replicated and cycled so that no call finds its inputs in cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch import Tensor
+
+GIB = 2**30
+MIB = 2**20
+MODES = ("fwd", "fwdbwd")
+OP_IMPLS = ("eager", "compile", "fastvae-torch", "fastvae-triton")  # references first: speedups need them
+TRAIN_IMPLS = ("eager", "compile", "fastvae")
+ROTATE_BYTES = 100 * MIB  # more than the L2 of any GPU and the LLC of most CPUs
+MAX_SETS = 128
+FILL_BYTES = 8 * GIB  # CUDA grid: the largest op reads about this much (in fp32)
+TRAIN_MEMORY_CAP = 70 * 10**9  # CUDA end-to-end: the largest batch that fits in 70 GB is recorded
+
+# torch.compile specializes on every shape (a fixed-batch training loop); never fall back to eager silently
+for _name, _value in (
+    ("recompile_limit", 4096),
+    ("accumulated_recompile_limit", 65536),
+    ("fail_on_recompile_limit_hit", True),
+):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, _value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# device and grid
+# --------------------------------------------------------------------------------------------------------
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("FASTVAE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+if bench_device().type == "cpu":
+    # compile in this process: a pool of compile workers would compete with the timed threads for the cores
+    inductor_config.compile_threads = 1
+if os.environ.get("FASTVAE_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTVAE_BENCH_THREADS"]))
+
+
+def benchmark_disabled(config: pytest.Config) -> bool:
+    """--benchmark-disable (and no --benchmark-enable): each test body runs once, untimed."""
+    return bool(
+        config.getoption("benchmark_disable", False) and not config.getoption("benchmark_enable", False)
+    )
+
+
+def is_quick(config: pytest.Config) -> bool:
+    """The tiny grid: FASTVAE_BENCH_QUICK=1, or a --benchmark-disable run."""
+    return benchmark_disabled(config) or os.environ.get("FASTVAE_BENCH_QUICK", "0") == "1"
+
+
+def _pow2_sizes(lo: int, hi: int, points: int) -> list[int]:
+    """About ``points`` powers of two from 2^lo to 2^hi, evenly spaced in log scale."""
+    exps = sorted({round(lo + (hi - lo) * i / max(points - 1, 1)) for i in range(points)})
+    return [1 << e for e in exps]
+
+
+def _fill_exp(row_bytes: int) -> int:
+    """log2 of the largest power-of-two batch whose rows of ``row_bytes`` fit in FILL_BYTES."""
+    return int(math.floor(math.log2(FILL_BYTES / row_bytes)))
+
+
+@dataclass(frozen=True)
+class Grid:
+    latent: list[tuple[int, int]]  # (B, D) of mu and logvar
+    recon: list[tuple[int, int]]  # (B, F) of the reconstruction
+    elbo_batch: list[int]  # B of the ELBO step (latent 64, recon 784)
+    mlp_batch: list[int]
+    conv_batch: list[int]
+    dtypes: list[torch.dtype]
+
+
+@functools.cache
+def grid_for(device_type: str, quick: bool) -> Grid:
+    if quick:
+        return Grid([(256, 64)], [(64, 784)], [64], [32], [4], [torch.float32])
+    if device_type == "cuda":
+        latent = [(b, d) for d in (64, 512) for b in _pow2_sizes(10, _fill_exp(2 * d * 4), 5)]
+        # the per-element-variance NLL reads three recon-sized tensors
+        recon = [
+            (b, f) for f, n in ((784, 4), (3 * 64 * 64, 3)) for b in _pow2_sizes(10, _fill_exp(3 * f * 4), n)
+        ]
+        elbo = _pow2_sizes(10, _fill_exp(2 * 64 * 4 + 2 * 784 * 4), 4)
+        batches = [4096, 16384, 65536, 262144]
+        return Grid(latent, recon, elbo, batches, batches, [torch.float32, torch.bfloat16])
+    # CPU: up to 2^22 elements, fp32; the whole --benchmark-only run takes a few minutes on 2 cores
+    latent = [(1 << 10, 64), (1 << 13, 64), (1 << 16, 64)]
+    recon = [(64, 784), (512, 784), (4096, 784), (256, 3 * 64 * 64)]
+    return Grid(latent, recon, [512, 4096], [256, 1024], [16, 64], [torch.float32])
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _size_id(v: int | tuple[int, ...]) -> str:
+    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize by fixture name, outermost first: size, dtype, mode, impl."""
+    device = bench_device()
+    grid = grid_for(device.type, is_quick(metafunc.config))
+    names = metafunc.fixturenames
+    for name in ("latent", "recon", "elbo_batch", "mlp_batch", "conv_batch"):
+        if name in names:
+            sizes = getattr(grid, name)
+            metafunc.parametrize(name, sizes, ids=[_size_id(s) for s in sizes])
+    if "dtype" in names:
+        metafunc.parametrize("dtype", grid.dtypes, ids=[_dtype_id(d) for d in grid.dtypes])
+    if "mode" in names:
+        metafunc.parametrize("mode", MODES)
+    if "impl" in names:
+        skip = pytest.mark.skip(
+            reason="the Triton kernels are timed on CUDA only (on CPU they need the interpreter)"
+        )
+        impls = [
+            pytest.param(i, marks=skip) if i == "fastvae-triton" and device.type != "cuda" else i
+            for i in OP_IMPLS
+        ]
+        metafunc.parametrize("impl", impls)
+    if "train_impl" in names:
+        metafunc.parametrize("train_impl", TRAIN_IMPLS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# session state: copy bandwidth, end-to-end batch limits; written into the JSON
+# --------------------------------------------------------------------------------------------------------
+
+SESSION: dict[str, Any] = {
+    "copy_gbps": None,
+    "train_max_batch": {},
+    "train_oom_batch": {},
+    "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return bench_device()
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(device: torch.device, pytestconfig: pytest.Config) -> float:
+    """GB/s of ``dst.copy_(src)`` of a large buffer (1 GiB on CUDA, 256 MiB on CPU), counting 2 x its size."""
+    nbytes = 16 * MIB if is_quick(pytestconfig) else (GIB if device.type == "cuda" else 256 * MIB)
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20 if device.type == "cuda" else 10):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    gbps = 2 * nbytes / statistics.median(times) / 1e9
+    SESSION.update(copy_gbps=gbps, copy_bytes=nbytes)
+    return gbps
+
+
+# --------------------------------------------------------------------------------------------------------
+# the timing helper
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One input set: the op's arguments and, for forward+backward, one gradient per output (None: a
+    scalar output, whose gradient is 1)."""
+
+    args: tuple[Any, ...]
+    grad_outputs: tuple[Tensor | None, ...] = ()
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (*self.args, *self.grad_outputs) if isinstance(t, Tensor)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def clear_grads(self) -> None:
+        for t in self.tensors():
+            if t.requires_grad:
+                t.grad = None
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    mode: str
+    impl: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def op_step(fn: Callable[..., Any], mode: str) -> Callable[[Batch], None]:
+    """``fn`` forward only, or forward then backward through all its outputs."""
+
+    def fwd(b: Batch) -> None:
+        fn(*b.args)
+
+    def fwdbwd(b: Batch) -> None:
+        out = fn(*b.args)
+        out = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(out, list(b.grad_outputs) if b.grad_outputs else None)
+
+    return fwd if mode == "fwd" else fwdbwd
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _cpu_peak_bytes(call: Callable[[], None]) -> int:
+    """Peak of the bytes the CPU allocator holds during ``call`` above what it held before, from the
+    allocation events torch's profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@dataclass
+class Bench:
+    device: torch.device
+    copy_gbps: float
+    quick: bool
+    disabled: bool
+    budget_s: float = field(init=False)  # timed seconds per case (the median of as many rounds as fit)
+    min_rounds: int = field(init=False)
+    max_rounds: int = 2000
+    _sets_key: tuple | None = None
+    _sets: list[Batch] = field(default_factory=list)
+    _compiled: dict[Callable, Callable] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cuda = self.device.type == "cuda"
+        self.budget_s, self.min_rounds = (0.2, 10) if cuda else (0.5, 7)
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """torch.compile with default options, one graph specialized per shape, compiled on first call."""
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, dynamic=False)
+        return self._compiled[fn]
+
+    def input_sets(self, key: tuple, make: Callable[[], Batch]) -> list[Batch]:
+        """Input sets for one case, shared by its implementations: enough copies to fill ROTATE_BYTES."""
+        if key != self._sets_key:
+            self._sets, self._sets_key = [], None
+            torch.manual_seed(0)
+            first = make()
+            n = (
+                1
+                if self.disabled
+                else min(MAX_SETS, max(1, math.ceil(ROTATE_BYTES / max(first.nbytes(), 1))))
+            )
+            self._sets = [first] + [make() for _ in range(n - 1)]
+            self._sets_key = key
+        return self._sets
+
+    def run(
+        self,
+        benchmark: Any,
+        case: Case,
+        step: Callable[[Batch], None],
+        make: Callable[[], Batch],
+        *,
+        nbytes: int | None = None,
+        items: int | None = None,
+        key: tuple | None = None,
+    ) -> float | None:
+        """Time ``step`` on rotating input sets and fill ``benchmark.extra_info``; returns the median seconds
+        (None under --benchmark-disable, where the body runs once). ``nbytes``: the minimal bytes one call
+        moves (GB/s); ``items``: examples one call processes (items/s)."""
+        benchmark.group = f"{case.op} {case.mode} {_dtype_id(case.dtype)} {_size_id(case.shape)}"
+        benchmark.extra_info.update(
+            op=case.op,
+            mode=case.mode,
+            impl=case.impl,
+            dtype=str(case.dtype).replace("torch.", ""),
+            shape=list(case.shape),
+            numel=case.numel,
+            bytes=nbytes,
+            device=self.device.type,
+        )
+        sets = self.input_sets(key or (case.op, case.mode, case.dtype, case.shape), make)
+        counter = iter(range(1 << 62))
+        dev = self.device
+
+        def setup() -> tuple[tuple[Batch], dict]:
+            b = sets[next(counter) % len(sets)]
+            b.clear_grads()
+            sync(dev)
+            return (b,), {}
+
+        def target(b: Batch) -> None:
+            step(b)
+            sync(dev)
+
+        def once() -> None:
+            target(*setup()[0])
+
+        oom = False
+        try:
+            if self.disabled:
+                benchmark.pedantic(target, setup=setup, rounds=1)
+                return None
+            for _ in range(2):  # compile, caches, allocator
+                once()
+            estimate = min(self._time(once) for _ in range(3))
+            rounds = max(
+                self.min_rounds, min(self.max_rounds, math.ceil(self.budget_s / max(estimate, 1e-7)))
+            )
+            benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+            args = setup()[0]  # gradients of the last round freed before the baseline
+            peak = self.peak_bytes(lambda: target(*args))
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            oom = True  # skipped below, once the traceback (and the tensors its frames hold) is gone
+        finally:
+            for b in sets:
+                b.clear_grads()
+        if oom:
+            self._sets, self._sets_key = [], None
+            gc.collect()
+            torch.cuda.empty_cache()
+            pytest.skip(f"out of memory: {case}")
+        median = benchmark.stats.stats.median
+        gbps = nbytes / median / 1e9 if nbytes else None
+        benchmark.extra_info.update(
+            median_s=median,
+            rounds=rounds,
+            gbps=gbps,
+            copy_gbps=self.copy_gbps,
+            frac_copy_bw=gbps / self.copy_gbps if gbps else None,
+            items_per_s=items / median if items else None,
+            peak_mem_bytes=peak,
+            peak_mem_method="cuda.max_memory_allocated"
+            if dev.type == "cuda"
+            else "profiler allocation events",
+        )
+        return median
+
+    def _time(self, call: Callable[[], None]) -> float:
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0
+
+    def peak_bytes(self, call: Callable[[], None]) -> int:
+        """Memory ``call`` allocates at its peak above what was held before (the inputs)."""
+        if self.device.type != "cuda":
+            return _cpu_peak_bytes(call)
+        sync(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        call()
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+
+@pytest.fixture(scope="session")
+def _bench_session(device: torch.device, copy_bandwidth: float, pytestconfig: pytest.Config) -> Bench:
+    return Bench(device, copy_bandwidth, is_quick(pytestconfig), benchmark_disabled(pytestconfig))
+
+
+@pytest.fixture
+def bench(_bench_session: Bench) -> Bench:
+    return _bench_session
+
+
+@pytest.fixture
+def train_limits(device: torch.device):
+    """End-to-end runs on CUDA: cap the process at TRAIN_MEMORY_CAP and free what compile keeps afterwards."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, TRAIN_MEMORY_CAP / total), device)
+    yield SESSION
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+# --------------------------------------------------------------------------------------------------------
+# JSON: speedups against the references, the environment
+# --------------------------------------------------------------------------------------------------------
+
+
+def _case_key(info: dict) -> tuple:
+    return info.get("op"), info.get("mode"), info.get("dtype"), tuple(info.get("shape") or ())
+
+
+def add_speedups(rows: Sequence[dict]) -> None:
+    """extra_info speedup_vs_eager / speedup_vs_compile: the reference's median over this one's."""
+    medians = {(_case_key(r["extra_info"]), r["extra_info"].get("impl")): r["stats"]["median"] for r in rows}
+    for r in rows:
+        info = r["extra_info"]
+        for ref in ("eager", "compile"):
+            m = medians.get((_case_key(info), ref))
+            info[f"speedup_vs_{ref}"] = m / r["stats"]["median"] if m else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": SESSION["copy_gbps"],
+        "copy_bytes": SESSION.get("copy_bytes"),
+        # 1/5/15-minute load averages: other processes on the machine make CPU timings noisy
+        "loadavg_start": SESSION["loadavg_start"],
+        "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict) -> None:
+    add_speedups(output_json["benchmarks"])
+    output_json["fastvae_bench"] = {
+        "env": environment(bench_device()),
+        "train_max_batch": SESSION["train_max_batch"],
+        "train_oom_batch": SESSION["train_oom_batch"],
+    }

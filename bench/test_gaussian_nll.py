@@ -1,0 +1,99 @@
+"""Gaussian negative log-likelihood of a reconstruction (B, F): a fixed scalar variance, a per-element
+variance, and a per-element log-variance, summed (the gradient flows to x_hat and to the (log-)variance)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from conftest import Batch, Bench, Case, op_step
+
+import fastvae
+
+VAR = 0.5  # the fixed variance of "nll_var_scalar"
+
+
+def eager_nll_var_scalar(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.gaussian_nll_loss(x_hat, x, VAR, reduction="sum")
+
+
+def eager_nll_var(x_hat: torch.Tensor, x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    return F.gaussian_nll_loss(x_hat, x, var, reduction="sum")
+
+
+def eager_nll_logvar(x_hat: torch.Tensor, x: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return torch.sum(0.5 * (logvar + (x - x_hat) ** 2 * torch.exp(-logvar)))
+
+
+EAGER = {"nll_var_scalar": eager_nll_var_scalar, "nll_var": eager_nll_var, "nll_logvar": eager_nll_logvar}
+
+
+def fastvae_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
+    if op == "nll_var_scalar":
+        return lambda x_hat, x: fastvae.gaussian_nll_loss(x_hat, x, VAR, reduction="sum", backend=backend)
+    if op == "nll_var":
+        return lambda x_hat, x, var: fastvae.gaussian_nll_loss(
+            x_hat, x, var, reduction="sum", backend=backend
+        )
+    return lambda x_hat, x, lv: fastvae.gaussian_nll_loss_logvar(
+        x_hat, x, lv, reduction="sum", backend=backend
+    )
+
+
+def min_bytes(op: str, mode: str, n: int, itemsize: int) -> int:
+    """Bytes an ideal implementation moves for n elements: every tensor read once, every tensor produced
+    written once, the loss (a scalar) not counted.
+
+    fwd reads x_hat, x and the variance (when per element); fwdbwd also writes grad_x_hat and grad_var (when
+    per element). The gradient of a sum needs no second read: it can be written in the forward pass.
+    """
+    per_element = op != "nll_var_scalar"
+    reads = 2 + per_element
+    writes = 1 + per_element
+    return n * itemsize * (reads + (writes if mode == "fwdbwd" else 0))
+
+
+def make_recon(shape: tuple[int, int], dtype: torch.dtype, mode: str, op: str, device: torch.device) -> Batch:
+    grad = mode == "fwdbwd"
+    x_hat = torch.randn(shape, dtype=dtype, device=device).requires_grad_(grad)
+    x = torch.rand(shape, dtype=dtype, device=device)
+    if op == "nll_var_scalar":
+        return Batch((x_hat, x), (None,) if grad else ())
+    if op == "nll_var":
+        third = (torch.rand(shape, device=device) + 0.5).to(dtype)
+    else:
+        third = (0.5 * torch.randn(shape, device=device)).to(dtype)
+    return Batch((x_hat, x, third.requires_grad_(grad)), (None,) if grad else ())
+
+
+def impl_fn(op: str, impl: str, bench: Bench) -> Callable[..., torch.Tensor]:
+    if impl == "eager":
+        return EAGER[op]
+    if impl == "compile":
+        return bench.compile(EAGER[op])
+    return fastvae_fn(op, impl.replace("fastvae-", ""))
+
+
+def run_nll(op: str, benchmark, bench: Bench, recon, dtype, mode, impl) -> None:
+    case = Case(op, mode, impl, dtype, tuple(recon))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bench.run(
+        benchmark,
+        case,
+        op_step(impl_fn(op, impl, bench), mode),
+        lambda: make_recon(recon, dtype, mode, op, bench.device),
+        nbytes=min_bytes(op, mode, case.numel, itemsize),
+    )
+
+
+def test_nll_var_scalar(benchmark, bench, recon, dtype, mode, impl):
+    run_nll("nll_var_scalar", benchmark, bench, recon, dtype, mode, impl)
+
+
+def test_nll_var(benchmark, bench, recon, dtype, mode, impl):
+    run_nll("nll_var", benchmark, bench, recon, dtype, mode, impl)
+
+
+def test_nll_logvar(benchmark, bench, recon, dtype, mode, impl):
+    run_nll("nll_logvar", benchmark, bench, recon, dtype, mode, impl)
