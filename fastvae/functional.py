@@ -127,7 +127,6 @@ def reparameterize_kl(
 
 
 def _check_nll_common(input: Tensor, target: Tensor, reduction: str) -> torch.Size:
-    check_tensor("input", input)
     check_tensor("target", target)
     check_same_device(input=input, target=target)
     check_reduction(reduction)
@@ -147,6 +146,30 @@ def _shape_var(input: Tensor, var: Tensor) -> Tensor:
         f"var is of incorrect size: var {tuple(var.shape)} for input {tuple(input.shape)}; expected the input's "
         "shape, the input's shape with one dim of size 1, or the input's shape without its last dim"
     )
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_tensor(name: str, value: Tensor | float, input: Tensor) -> Tensor:
+    """A Python number as a 0-d tensor of input's dtype and device; a tensor is checked and kept."""
+    if _is_number(value):
+        return torch.full((), float(value), dtype=input.dtype, device=input.device)
+    return check_tensor(name, value)
+
+
+def _nll(input: Tensor, target: Tensor, v: Tensor, logvar_form: bool, full: bool, eps: float, reduction: str,
+         triton_path: bool) -> Tensor:
+    """Both NLL forms once validated, ``v`` with input's ndim: the kernel where it covers the shapes and
+    dtypes, else the eager path with torch's semantics."""
+    if triton_path:
+        from . import _triton
+
+        if _triton.nll_supported(input, target, v):
+            return _triton.gaussian_nll(input, target, v, logvar_form=logvar_form, full=full, eps=eps,
+                                        reduction=reduction)
+    return reference.GaussianNLL.apply(input, target, v, logvar_form, full, float(eps), reduction)
 
 
 def _negative_var_check_allowed(var: Tensor) -> bool:
@@ -175,15 +198,11 @@ def gaussian_nll_loss(
 
     On the Triton path the gradient is written in the same pass as the loss.
     """
-    if isinstance(var, (int, float)) and not isinstance(var, bool):
-        if var < 0:
-            raise ValueError("var has negative entry/entries")
-        check_tensor("input", input)
-        var = torch.full((), float(var), dtype=input.dtype, device=input.device)
-        scalar_var = True
-    else:
-        check_tensor("var", var)
-        scalar_var = False
+    check_tensor("input", input)
+    scalar_var = _is_number(var)
+    if scalar_var and var < 0:
+        raise ValueError("var has negative entry/entries")
+    var = _as_tensor("var", var, input)
     _check_nll_common(input, target, reduction)
     check_same_device(input=input, var=var)
     triton_path = use_triton(backend, input, target, var)
@@ -191,13 +210,7 @@ def gaussian_nll_loss(
     if not scalar_var and not triton_path and _negative_var_check_allowed(var) and torch.any(var < 0):
         raise ValueError("var has negative entry/entries")
     var = var.expand((1,) * input.dim()) if scalar_var else _shape_var(input, var)
-    if triton_path:
-        from . import _triton
-
-        if _triton.nll_supported(input, target, var):
-            return _triton.gaussian_nll(input, target, var, logvar_form=False, full=full, eps=eps,
-                                        reduction=reduction)
-    return reference.GaussianNLL.apply(input, target, var, False, full, float(eps), reduction)
+    return _nll(input, target, var, False, full, eps, reduction, triton_path)
 
 
 def gaussian_nll_loss_logvar(
@@ -217,18 +230,12 @@ def gaussian_nll_loss_logvar(
     element. No clamp is needed: exp(-logvar) is finite for any finite logvar.
     """
     check_tensor("input", input)
-    if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
-        logvar = torch.full((), float(logvar), dtype=input.dtype, device=input.device)
-    check_tensor("logvar", logvar)
+    logvar = _as_tensor("logvar", logvar, input)
     _check_nll_common(input, target, reduction)
     check_same_device(input=input, logvar=logvar)
     check_broadcastable_to("logvar", logvar, "input", input)
-    if use_triton(backend, input, target, logvar):
-        from . import _triton
-
-        lv = logvar.reshape((1,) * (input.dim() - logvar.dim()) + tuple(logvar.shape))
-        if _triton.nll_supported(input, target, lv):
-            return _triton.gaussian_nll(input, target, lv, logvar_form=True, full=full, eps=0.0,
-                                        reduction=reduction)
-    return reference.GaussianNLL.apply(input, target, logvar, True, full, 0.0, reduction)
+    triton_path = use_triton(backend, input, target, logvar)
+    # leading size-1 dims give logvar input's ndim, the form both paths index
+    logvar = logvar.reshape((1,) * (input.dim() - logvar.dim()) + tuple(logvar.shape))
+    return _nll(input, target, logvar, True, full, 0.0, reduction, triton_path)
 
