@@ -20,6 +20,7 @@ from torch import Tensor
 from .kernels import gaussian_nll as nll_k
 from .kernels import reduce as reduce_k
 from .kernels import sampling as sampling_k
+from .reference import reduction_scale
 
 KL_OFF, KL_ELEMENTWISE, KL_REDUCED = 0, 1, 2
 VAR_FULL, VAR_SCALAR, VAR_INDEXED = 0, 1, 2
@@ -31,14 +32,6 @@ def _launch_config(n: int) -> tuple[int, int]:
     programs; small tensors get one small block."""
     block = min(2048, max(128, triton.next_power_of_2(max(n, 1))))
     return block, max(1, min(8, block // 256))
-
-
-def _reduce_scale(reduction: str, n: int, shape: torch.Size) -> float:
-    if reduction == "mean":
-        return 1.0 / n if n else math.nan
-    if reduction == "batchmean":
-        return 1.0 / shape[0] if len(shape) else 1.0
-    return 1.0
 
 
 def _alloc(like: Tensor, shape, dtype: torch.dtype | None = None) -> Tensor:
@@ -200,7 +193,7 @@ def sample_kl(
     elif reduction == "none":
         kl_mode, kl_scale = KL_ELEMENTWISE, 1.0
     else:
-        kl_mode, kl_scale = KL_REDUCED, _reduce_scale(reduction, mu.numel(), mu.shape)
+        kl_mode, kl_scale = KL_REDUCED, reduction_scale(reduction, mu.numel(), mu.shape)
     k = (-1 if num_samples is None else num_samples) if sample else 0
     seed = new_seed(mu.device, generator) if sample else torch.zeros(1, dtype=torch.int64, device=mu.device)
     z, kl = _sample_kl_op(mu, logvar, mu_p, logvar_p, seed, k, kl_mode, kl_scale)
@@ -284,7 +277,7 @@ def _gaussian_nll_op(
     block, warps = _launch_config(n)
     grid = (triton.cdiv(n, block),)
     reduce = reduction != "none"
-    scale = _reduce_scale(reduction, n, input.shape)
+    scale = reduction_scale(reduction, n, input.shape)
     loss = _alloc(input, grid, torch.float32) if reduce else _alloc(input, input.shape)
     gx = _alloc(input, input.shape if grad_input else (0,))
     gv_mode, gv_dtype = _var_grad_plan(mode, reduction, grad_var, input.dtype)

@@ -42,6 +42,15 @@ def reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss.sum() / (loss.shape[0] if loss.dim() > 0 else 1)
 
 
+def reduction_scale(reduction: str, n: int, shape: tuple[int, ...]) -> float:
+    """The factor a reduction applies to a sum over n elements of a tensor of ``shape`` (mean of nothing: nan)."""
+    if reduction == "mean":
+        return 1.0 / n if n else math.nan
+    if reduction == "batchmean":
+        return 1.0 / shape[0] if len(shape) else 1.0
+    return 1.0
+
+
 def dtypes(*ts: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(result dtype, compute dtype): torch's type promotion, with half types computed in fp32."""
     out = ts[0].dtype
@@ -145,10 +154,9 @@ class GaussianNLL(torch.autograd.Function):
         loss = q.add_(v if logvar_form else torch.log(vc)).mul_(0.5)
         if full:
             loss.add_(HALF_LOG_2PI)
-        n, batch = loss.numel(), (loss.shape[0] if loss.dim() else 1)
+        scale = reduction_scale(reduction, loss.numel(), loss.shape)
         loss = reduce(loss, reduction)
         if reduction != "none":
-            scale = 1.0 / n if reduction == "mean" else 1.0 / batch if reduction == "batchmean" else 1.0
             if g_x is not None:
                 g_x.mul_(scale)
             if need_v:  # a scalar grad_output: reduce over the broadcast dims now, keep var-sized
