@@ -333,3 +333,28 @@ def test_drop_in_for_a_hand_written_vae_loss(backend, device):
     ours = (fastvae.gaussian_nll_loss(x_hat, x, torch.full_like(x, 0.1), reduction="batchmean", backend=backend)
             + fastvae.gaussian_kl(mu, lv, reduction="batchmean", backend=backend))
     torch.testing.assert_close(ours, recon + kld, rtol=1e-6, atol=1e-6)
+
+
+def _saved_bytes(fn) -> int:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        fn()
+    return sum(saved)
+
+
+@pytest.mark.torch_only
+@pytest.mark.parametrize("form", ["var", "logvar"])
+def test_eager_nll_keeps_less_for_backward_than_the_formula(form, device):
+    """The CPU path writes the gradient in forward: one input-sized tensor kept, where autograd through the
+    formula keeps several."""
+    x = torch.randn(64, 50, device=device, requires_grad=True)
+    t = torch.randn(64, 50, device=device)
+    v = (torch.rand(64, 50, device=device) + 0.1).requires_grad_()
+    if form == "var":
+        ours = _saved_bytes(lambda: fastvae.gaussian_nll_loss(x, t, v, backend="torch"))
+        eager = _saved_bytes(lambda: F.gaussian_nll_loss(x, t, v))
+    else:
+        ours = _saved_bytes(lambda: fastvae.gaussian_nll_loss_logvar(x, t, v, backend="torch"))
+        eager = _saved_bytes(lambda: (0.5 * (v + (x - t) ** 2 * torch.exp(-v))).mean())
+    assert ours <= 2 * x.numel() * x.element_size() < eager
