@@ -287,7 +287,7 @@ def plot(rows: list[dict], meta: dict[str, Any], path: str) -> None:
         f"achieved GB/s (minimal bytes) - {env.get('device_name', '')}, torch {env.get('torch', '')}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
