@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "sum", "mean", "batchmean")
+from .reference.common import REDUCTIONS
+
 BACKENDS = (None, "torch", "triton")
 
 
@@ -68,10 +69,13 @@ def broadcast_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> torch.Size
     return torch.broadcast_shapes(a.shape, b.shape)
 
 
-def check_reduction(reduction: object, allowed: Sequence[str] = REDUCTIONS) -> str:
+def check_reduction(reduction: object, allowed: Sequence[str] = REDUCTIONS, shape: Sequence[int] | None = None) -> str:
+    """``reduction`` among ``allowed``; with the loss's ``shape``, also that "per_sample" has a dim 0."""
     if reduction not in allowed:
         # same words as torch.nn.functional.gaussian_nll_loss
         raise ValueError(f"{reduction} is not valid (reduction must be one of {', '.join(allowed)})")
+    if reduction == "per_sample" and shape is not None and len(shape) == 0:
+        raise ValueError("reduction='per_sample' sums over every dim but the first: the loss has no dims")
     return reduction  # type: ignore[return-value]
 
 

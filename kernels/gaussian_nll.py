@@ -9,19 +9,23 @@ form):
                  dloss/dinput = d * exp(-v)  dloss/dlogvar = 0.5 * (1 - d^2 * exp(-v))
 
 (the var clamp does not stop the gradient, as in torch.nn.functional.gaussian_nll_loss). Gradients are
-stored already multiplied by the reduction's scale (1/N for mean, 1/B for batchmean), so backward is a
-multiply by grad_output that is skipped on the device when grad_output is exactly 1.
+stored already multiplied by the reduction's scale (1/N for mean, 1/B for batchmean), in the input's dtype
+(fp32 for fp16 inputs, whose range would lose them), so backward is a multiply by grad_output that is skipped
+on the device when grad_output is exactly 1.
 
 The variance is indexed, never materialized: VAR_MODE 0 reads var[i], 1 reads a single scalar, 2 reads
 var[((i // v_div) % v_mod) * v_mul + i % v_mod2], which covers one broadcast dim in the middle (torch's
 homoscedastic forms, per-row) and one kept group between broadcast ones (per-feature, per-channel).
 
 Bytes for N elements: reads 2N (+N for a per-element variance), writes N for the input gradient when asked,
-N for a per-element variance gradient, N for reduction="none" or one fp32 partial per program otherwise.
+N for a per-element variance gradient, N for reduction="none" or fp32 partials otherwise (one per program,
+or one per row segment for reduction="per_sample"; see reduce.py).
 """
 
 import triton
 import triton.language as tl
+
+from .reduce import store_partials
 
 VAR_FULL = tl.constexpr(0)
 VAR_SCALAR = tl.constexpr(1)
@@ -37,9 +41,9 @@ def gaussian_nll_fwd_kernel(
     x_ptr, t_ptr, v_ptr,
     loss_ptr, gx_ptr, gv_ptr, neg_ptr,
     n, v_div, v_mod, v_mul, v_mod2,
-    eps, const, grad_scale,
-    LOGVAR: tl.constexpr, VAR_MODE: tl.constexpr, REDUCE: tl.constexpr,
-    GRAD_X: tl.constexpr, GRAD_VAR: tl.constexpr, BLOCK: tl.constexpr,
+    eps, const, grad_scale, row_len,
+    LOGVAR: tl.constexpr, VAR_MODE: tl.constexpr, REDUCE: tl.constexpr, PER_ROW: tl.constexpr,
+    LONG_ROWS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_VAR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -69,7 +73,7 @@ def gaussian_nll_fwd_kernel(
         loss = 0.5 * (tl.log(vc) + d2_iv) + const
         gv = 0.5 * inv_v * (1.0 - d2_iv)
     if REDUCE:
-        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
     else:
         tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
     if GRAD_X:

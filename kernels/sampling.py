@@ -8,7 +8,8 @@ Forward, per element i of mu/logvar (N elements) and sample k < K:
     kl[i]    = 0.5 * (logvar_p - logvar + (exp(logvar) + (mu - mu_p)^2) * exp(-logvar_p) - 1)
 
 with mu_p = 0, logvar_p = 0 unless given. The KL is written per element (reduction "none") or as one fp32
-partial per program, summed in a fixed order by ``reduce.sum_partials_kernel`` (no float atomics).
+partial per program (one per row segment for reduction="per_sample"), summed in a fixed order by
+``reduce.py`` (no float atomics).
 Bytes: reads 2N (4N with a prior), writes K*N for z and N or one float per program for the KL.
 
 Backward regenerates eps from the same seed and counters:
@@ -18,8 +19,8 @@ Backward regenerates eps from the same seed and counters:
     grad_mu_p   = -g_kl * (mu - mu_p) * exp(-logvar_p)
     grad_logvar_p = g_kl * 0.5 * (1 - (exp(logvar) + (mu - mu_p)^2) * exp(-logvar_p))
 
-where g_kl is the per-element KL gradient or the scalar grad_output times the reduction's scale, read on the
-device. Bytes: reads K*N (grad_z) + 2N, writes 2N (plus 2N in, 2N out with a prior).
+where g_kl is the per-element KL gradient, the row's (per_sample), or the scalar grad_output times the
+reduction's scale, read on the device. Bytes: reads K*N (grad_z) + 2N, writes 2N (plus 2N in, 2N out with a prior).
 
 One Philox call (10 rounds) yields four normals (two Box-Muller pairs), so each program works on a
 [BLOCK/4, 4] tile: a row is one counter and four neighbouring elements, which keeps the loads contiguous
@@ -32,10 +33,12 @@ counter as two 32-bit words.
 import triton
 import triton.language as tl
 
+from .reduce import row_col, store_partials
+
 # KL_MODE: what the kernel does with the KL
 KL_OFF = tl.constexpr(0)  # sampling only
 KL_ELEMENTWISE = tl.constexpr(1)  # reduction="none": one value (or one gradient) per element
-KL_REDUCED = tl.constexpr(2)  # one fp32 partial per program; backward gets a scalar gradient
+KL_REDUCED = tl.constexpr(2)  # fp32 partials; backward gets one gradient (PER_ROW: one per row)
 
 
 @triton.jit
@@ -57,11 +60,6 @@ def _noise(seed, counters):
 
 
 @triton.jit
-def _tile_sum(x, mask):
-    return tl.sum(tl.sum(tl.where(mask, x, 0.0), axis=1), axis=0)
-
-
-@triton.jit
 def _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr):
     """(mu - mu_p, exp(-logvar_p), logvar_p), with the standard-normal prior's constants when absent."""
     if HAS_MU_P:
@@ -79,9 +77,9 @@ def _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P: tl.constexpr, HAS_
 def sample_kl_fwd_kernel(
     mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     z_ptr, kl_ptr,
-    n, num_samples,
+    n, num_samples, row_len,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs, rows, mask = _tile(tl.program_id(0), n, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -101,16 +99,16 @@ def sample_kl_fwd_kernel(
         if KL_MODE == KL_ELEMENTWISE:
             tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(kl_ptr + tl.program_id(0), _tile_sum(kl, mask))
+            store_partials(kl, mask, kl_ptr, tl.program_id(0), row_len, PER_ROW, BLOCK, LONG_ROWS)
 
 
 @triton.jit
 def sample_kl_bwd_kernel(
     gz_ptr, gkl_ptr, mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     gmu_ptr, glv_ptr, gmup_ptr, glvp_ptr,
-    n, num_samples, kl_scale,
+    n, num_samples, kl_scale, row_len,
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs, rows, mask = _tile(tl.program_id(0), n, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -131,6 +129,9 @@ def sample_kl_bwd_kernel(
     if KL_MODE != KL_OFF:
         if KL_MODE == KL_ELEMENTWISE:
             g = tl.load(gkl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        elif PER_ROW:
+            row, _ = row_col(tl.program_id(0), row_len, BLOCK, LONG_ROWS)
+            g = tl.load(gkl_ptr + tl.reshape(row, [BLOCK // 4, 4]), mask=mask, other=0.0).to(tl.float32)
         else:
             g = tl.load(gkl_ptr).to(tl.float32) * kl_scale
         d, inv_var_p, lvp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P)

@@ -29,7 +29,7 @@ def poisoned(monkeypatch):
         fill = math.nan if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=like.device)
 
-    monkeypatch.setattr(_triton, "_alloc", alloc)
+    monkeypatch.setattr(_triton.common, "alloc", alloc)
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,12 @@
-"""Public functions: validate, then dispatch to the fused Triton kernels or to the eager reference.
-
-Names, argument order and ``reduction=`` semantics mirror torch; ``reduction="batchmean"`` is sum / size of
-dim 0 (the per-example loss of most VAE code). ``backend=None`` runs Triton on CUDA tensors when it is
-installed and the eager reference elsewhere; ``"torch"`` and ``"triton"`` force a path.
-"""
+"""The Gaussian family: reparameterized sampling, its KL, and the Gaussian NLL."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import reference
-from ._checks import (
-    ShapeError,
+from .. import reference
+from .._checks import (
     broadcast_pair,
     check_broadcastable_to,
     check_generator,
@@ -25,7 +19,6 @@ from ._checks import (
 )
 
 __all__ = [
-    "ShapeError",
     "reparameterize",
     "gaussian_kl",
     "reparameterize_kl",
@@ -39,13 +32,11 @@ def _check_posterior(mu: Tensor, logvar: Tensor) -> None:
     check_tensor("logvar", logvar)
     check_same_device(mu=mu, logvar=logvar)
     check_same_shape("logvar", logvar, "mu", mu)
-    if mu.dtype != logvar.dtype:
-        raise TypeError(f"mu and logvar must have one dtype, got mu {mu.dtype} and logvar {logvar.dtype}")
 
 
 def _eps(mu: Tensor, num_samples: int | None, generator: torch.Generator | None) -> Tensor:
     shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
-    _, dt = reference.dtypes(mu)
+    _, dt = reference.dtypes(mu)  # fp32 noise for half types, as the kernels draw it
     return torch.randn(shape, dtype=dt, device=mu.device, generator=generator)
 
 
@@ -67,10 +58,10 @@ def reparameterize(
     num_samples = check_num_samples(num_samples)
     generator = check_generator(generator, mu.device)
     if use_triton(backend, mu):
-        from . import _triton
+        from .. import _triton
 
         return _triton.sample_kl(mu, logvar, None, None, sample=True, num_samples=num_samples,
-                                 generator=generator, reduction=None)[0]
+                                 generator=generator, reduction=None, out_dtype=reference.dtypes(mu, logvar)[0])[0]
     return reference.reparameterize(mu, logvar, _eps(mu, num_samples, generator))
 
 
@@ -86,7 +77,8 @@ def gaussian_kl(
     """KL(N(mu, diag e^logvar) || N(mu_p, diag e^logvar_p)); the prior defaults to N(0, I).
 
     Elementwise 0.5 * (logvar_p - logvar + (e^logvar + (mu - mu_p)^2) / e^logvar_p - 1), reduced by
-    ``reduction`` in "none" | "sum" | "mean" | "batchmean". ``mu_p``/``logvar_p`` broadcast to mu's shape.
+    ``reduction`` in "none" | "sum" | "mean" | "batchmean" | "per_sample". ``mu_p``/``logvar_p`` broadcast to
+    mu's shape.
     """
     _check_posterior(mu, logvar)
     for name, t in (("mu_p", mu_p), ("logvar_p", logvar_p)):
@@ -94,12 +86,13 @@ def gaussian_kl(
             check_tensor(name, t)
             check_broadcastable_to(name, t, "mu", mu)
     check_same_device(mu=mu, mu_p=mu_p, logvar_p=logvar_p)
-    check_reduction(reduction)
-    if use_triton(backend, mu, *(t for t in (mu_p, logvar_p) if t is not None)):
-        from . import _triton
+    check_reduction(reduction, shape=mu.shape)
+    priors = [t for t in (mu_p, logvar_p) if t is not None]
+    if use_triton(backend, mu, logvar, *priors):
+        from .. import _triton
 
-        return _triton.sample_kl(mu, logvar, mu_p, logvar_p, sample=False, num_samples=None,
-                                 generator=None, reduction=reduction)[1]
+        return _triton.sample_kl(mu, logvar, mu_p, logvar_p, sample=False, num_samples=None, generator=None,
+                                 reduction=reduction, out_dtype=reference.dtypes(mu, logvar, *priors)[0])[1]
     return reference.gaussian_kl(mu, logvar, mu_p, logvar_p, reduction)
 
 
@@ -114,14 +107,14 @@ def reparameterize_kl(
 ) -> tuple[Tensor, Tensor]:
     """(z, KL(q || N(0, I))) from one read of mu and logvar: the encoder half of the ELBO in one call."""
     _check_posterior(mu, logvar)
-    check_reduction(reduction)
+    check_reduction(reduction, shape=mu.shape)
     num_samples = check_num_samples(num_samples)
     generator = check_generator(generator, mu.device)
-    if use_triton(backend, mu):
-        from . import _triton
+    if use_triton(backend, mu, logvar):
+        from .. import _triton
 
         return _triton.sample_kl(mu, logvar, None, None, sample=True, num_samples=num_samples,
-                                 generator=generator, reduction=reduction)
+                                 generator=generator, reduction=reduction, out_dtype=reference.dtypes(mu, logvar)[0])
     z = reference.reparameterize(mu, logvar, _eps(mu, num_samples, generator))
     return z, reference.gaussian_kl(mu, logvar, None, None, reduction)
 
@@ -130,7 +123,9 @@ def _check_nll_common(input: Tensor, target: Tensor, reduction: str) -> torch.Si
     check_tensor("target", target)
     check_same_device(input=input, target=target)
     check_reduction(reduction)
-    return broadcast_pair("input", input, "target", target)
+    shape = broadcast_pair("input", input, "target", target)
+    check_reduction(reduction, shape=shape)
+    return shape
 
 
 def _shape_var(input: Tensor, var: Tensor) -> Tensor:
@@ -164,11 +159,11 @@ def _nll(input: Tensor, target: Tensor, v: Tensor, logvar_form: bool, full: bool
     """Both NLL forms once validated, ``v`` with input's ndim: the kernel where it covers the shapes and
     dtypes, else the eager path with torch's semantics."""
     if triton_path:
-        from . import _triton
+        from .. import _triton
 
         if _triton.nll_supported(input, target, v):
             return _triton.gaussian_nll(input, target, v, logvar_form=logvar_form, full=full, eps=eps,
-                                        reduction=reduction)
+                                        reduction=reduction, out_dtype=reference.dtypes(input, target, v)[0])
     return reference.GaussianNLL.apply(input, target, v, logvar_form, full, float(eps), reduction)
 
 
@@ -192,7 +187,7 @@ def gaussian_nll_loss(
 ) -> Tensor:
     """Negative log-likelihood of ``target`` under N(input, var): drop-in for
     ``torch.nn.functional.gaussian_nll_loss`` (same arguments, var forms, clamping, gradients and errors),
-    plus ``reduction="batchmean"``.
+    plus ``reduction="batchmean"`` and ``"per_sample"``.
 
         loss = 0.5 * (log(max(var, eps)) + (input - target)^2 / max(var, eps)) [+ 0.5 log 2 pi if full]
 

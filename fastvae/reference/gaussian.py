@@ -1,7 +1,4 @@
-"""The VAE loss formulas in eager PyTorch, written once.
-
-They are the CPU path (and any path the Triton kernels do not cover) and the oracle the kernels are tested
-against. They take already-validated arguments; `fastvae.functional` checks and dispatches.
+"""The Gaussian family: reparameterized sampling, the KL of diagonal Gaussians and the Gaussian NLL.
 
 The ELBO of a VAE with encoder q(z|x) = N(mu, diag(exp(logvar))), prior p(z) = N(0, I) and Gaussian decoder
 p(x|z) = N(x_hat, sigma^2 I) is
@@ -22,41 +19,10 @@ the CPU path allocates no more than the one-line formulas users write. The NLL's
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def reduce(loss: Tensor, reduction: str) -> Tensor:
-    """Apply ``reduction`` ("none" | "sum" | "mean" | "batchmean" = sum / size of dim 0)."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    # batchmean: a 0-d loss has one "batch"
-    return loss.sum() / (loss.shape[0] if loss.dim() > 0 else 1)
-
-
-def reduction_scale(reduction: str, n: int, shape: tuple[int, ...]) -> float:
-    """The factor a reduction applies to a sum over n elements of a tensor of ``shape`` (mean of nothing: nan)."""
-    if reduction == "mean":
-        return 1.0 / n if n else math.nan
-    if reduction == "batchmean":
-        return 1.0 / shape[0] if len(shape) else 1.0
-    return 1.0
-
-
-def dtypes(*ts: Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(result dtype, compute dtype): torch's type promotion, with half types computed in fp32."""
-    out = ts[0].dtype
-    for t in ts[1:]:
-        out = torch.promote_types(out, t.dtype)
-    return out, (torch.float32 if out in (torch.float16, torch.bfloat16) else out)
+from .common import HALF_LOG_2PI, dtypes, reduce, reduction_scale
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
@@ -156,13 +122,14 @@ class GaussianNLL(torch.autograd.Function):
             loss.add_(HALF_LOG_2PI)
         scale = reduction_scale(reduction, loss.numel(), loss.shape)
         loss = reduce(loss, reduction)
-        if reduction != "none":
+        if reduction not in ("none", "per_sample"):
             if g_x is not None:
                 g_x.mul_(scale)
             if need_v:  # a scalar grad_output: reduce over the broadcast dims now, keep var-sized
                 g_v = g_v.mul_(scale).sum_to_size(var.shape)
         ctx.save_for_backward(g_x, g_v if need_v else None)
         ctx.shapes = (input.shape, target.shape, var.shape)
+        ctx.per_sample, ctx.loss_shape = reduction == "per_sample", q.shape
         ctx.dtypes = (input.dtype, target.dtype, var.dtype)
         return loss.to(out_dtype)
 
@@ -171,6 +138,8 @@ class GaussianNLL(torch.autograd.Function):
         g_x, g_v = ctx.saved_tensors
         (s_in, s_t, s_v), (t_in, t_t, t_v) = ctx.shapes, ctx.dtypes
         grad_out = grad_out.to(g_x.dtype if g_x is not None else g_v.dtype)
+        if ctx.per_sample:  # one value per row: broadcast over the rest
+            grad_out = grad_out.reshape(grad_out.shape + (1,) * (len(ctx.loss_shape) - 1))
         grad_input = grad_target = grad_var = None
         if g_x is not None:
             g = g_x * grad_out

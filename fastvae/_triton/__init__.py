@@ -1,0 +1,16 @@
+"""Launches of the Triton kernels, wrapped as ``torch.library`` custom ops with autograd, one module per op
+family (``common`` holds what they share).
+
+Custom ops (rather than bare ``autograd.Function``s) make every launch opaque to ``torch.compile``: a
+training step that calls fastvae compiles with ``fullgraph=True`` and the kernels run as they are. They also
+run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how CI tests the kernels.
+
+Nothing here reads a device value on the host: the RNG seed is drawn into a one-element device tensor, the
+reductions are finished on the device, and grad_output is read by the kernels themselves.
+"""
+
+from . import common
+from .gaussian_nll import gaussian_nll, nll_supported
+from .sampling import sample_kl
+
+__all__ = ["common", "gaussian_nll", "nll_supported", "sample_kl"]

@@ -1,0 +1,161 @@
+"""What every op's launches share: launch configs, output buffers, the reductions' plans and finishing
+kernels, the backward that scales a forward-written gradient, and the RNG seed.
+
+No module defining a custom op here uses ``from __future__ import annotations``: torch's schema inference
+reads the annotations as objects (older torch rejects them as strings).
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernels import reduce as reduce_k
+from ..reference.common import reduction_scale
+
+GO_SCALAR, GO_ELEMENTWISE, GO_ROWS = 0, 1, 2
+
+
+def launch_config(n: int) -> "tuple[int, int]":
+    """(BLOCK, num_warps): 8 elements a thread keeps enough bytes in flight to saturate HBM with few
+    programs; small tensors get one small block."""
+    block = min(2048, max(128, triton.next_power_of_2(max(n, 1))))
+    return block, max(1, min(8, block // 256))
+
+
+def alloc(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Every buffer a kernel writes comes from here (the tests poison them to prove full coverage)."""
+    return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient written in the forward is kept in until grad_output arrives. fp16 keeps fp32: the
+    reduction's scale (1/N is below fp16's smallest subnormal past 2^24 elements) and a loss scale not yet
+    applied would otherwise underflow or round it away. bf16 has fp32's exponent range and keeps bf16."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+class Reduction(NamedTuple):
+    """How a loss kernel reduces N elements of a tensor of ``shape``: per element ("none"), to one value
+    (sum / mean / batchmean), or to one value per row of ``row_len`` elements ("per_sample", rows = dim 0)."""
+
+    reduction: str
+    n: int
+    rows: int
+    row_len: int
+    scale: float
+    out_shape: "tuple[int, ...]"
+
+    @staticmethod
+    def plan(reduction: str, shape: "tuple[int, ...]") -> "Reduction":
+        n = math.prod(shape)
+        if reduction == "per_sample":
+            rows = shape[0]
+            row_len = n // rows if rows else 0
+            if row_len == 1:  # one element a row is the elementwise loss
+                return Reduction("none", n, n, 1, 1.0, tuple(shape))
+            return Reduction("per_sample", n, rows, row_len, 1.0, (rows,))
+        if reduction == "none":
+            return Reduction("none", n, n, 1, 1.0, tuple(shape))
+        return Reduction(reduction, n, 1, n, reduction_scale(reduction, n, shape), ())
+
+    @property
+    def reduced(self) -> bool:
+        return self.reduction != "none"
+
+    @property
+    def go_mode(self) -> int:
+        """How backward's grad_output broadcasts over the elements."""
+        return {"none": GO_ELEMENTWISE, "per_sample": GO_ROWS}.get(self.reduction, GO_SCALAR)
+
+    def constexprs(self, block: int) -> dict:
+        """The kernels' reduction switches: REDUCE (partials, not per-element values), PER_ROW, LONG_ROWS."""
+        return {"REDUCE": self.reduced, "PER_ROW": self.reduction == "per_sample",
+                "LONG_ROWS": self.row_len >= block}
+
+    def buffer(self, like: Tensor, grid: int, dtype: torch.dtype) -> Tensor:
+        """What the kernel writes: per-element losses in ``dtype``, or fp32 partials (one per program, or one
+        per (program, row) segment: grid + rows slots)."""
+        if not self.reduced:
+            return alloc(like, self.out_shape, dtype)
+        return alloc(like, (grid + (self.rows if self.reduction == "per_sample" else 0),), torch.float32)
+
+    def finish(self, buf: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+        """The reduced loss from the kernel's partials, in a fixed order, scaled, in ``dtype``."""
+        if not self.reduced:
+            return buf
+        out = alloc(buf, self.out_shape, dtype)
+        if self.reduction != "per_sample":  # with no partials: 0, or nan for the mean of nothing
+            reduce_k.sum_partials_kernel[(1,)](buf, out, buf.numel(), self.scale, BLOCK=1024)
+            return out
+        if self.n == 0:
+            return out.zero_()
+        rows_per_prog, segments = 64, 8
+        max_segments = (self.row_len + block - 2) // block + 1
+        reduce_k.sum_row_partials_kernel[(triton.cdiv(self.rows, rows_per_prog),)](
+            buf, out, self.rows, self.row_len, block, max_segments, self.scale,
+            ROWS=rows_per_prog, SEGMENTS=segments,
+        )
+        return out
+
+
+def finish_sum(partials: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """scale * the sum of fp32 partials, in a fixed order."""
+    out = alloc(partials, (), dtype)
+    reduce_k.sum_partials_kernel[(1,)](partials, out, partials.numel(), scale, BLOCK=1024)
+    return out
+
+
+def _scale_grad_launch(grad: Tensor, out: Tensor, grad_output: Tensor, row_len: int, in_place: bool) -> None:
+    n = grad.numel()
+    if n == 0:
+        return
+    go_mode = GO_SCALAR if grad_output.numel() == 1 and n != 1 else (
+        GO_ELEMENTWISE if grad_output.numel() == n else GO_ROWS)
+    block, warps = launch_config(n)
+    reduce_k.scale_grad_kernel[(triton.cdiv(n, block),)](
+        grad, out, grad_output.contiguous(), n, row_len,
+        GO_MODE=go_mode, IN_PLACE=in_place, BLOCK=block, LONG_ROWS=row_len >= block, num_warps=warps,
+    )
+
+
+@torch.library.custom_op("fastvae::scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: Tensor, grad_output: Tensor, row_len: int) -> None:
+    """grad *= grad_output in place (grad_output: one value, one per element, or one per row of row_len
+    elements); a no-op on the device when grad_output is a scalar 1.0."""
+    _scale_grad_launch(grad, grad, grad_output, row_len, True)
+
+
+@_scale_grad_op.register_fake
+def _(grad, grad_output, row_len):
+    return None
+
+
+@torch.library.custom_op("fastvae::scaled_grad", mutates_args=())
+def _scaled_grad_op(grad: Tensor, grad_output: Tensor, row_len: int, dtype: torch.dtype) -> Tensor:
+    """grad * grad_output in a new tensor of ``dtype`` (a gradient kept in fp32 for a 16-bit input)."""
+    out = alloc(grad, grad.shape, dtype)
+    _scale_grad_launch(grad, out, grad_output, row_len, False)
+    return out
+
+
+@_scaled_grad_op.register_fake
+def _(grad, grad_output, row_len, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+def apply_grad_output(grad: Tensor, grad_output: Tensor, red: Reduction, dtype: torch.dtype) -> Tensor:
+    """The gradient of an input of ``dtype`` from one the forward wrote (already scaled by the reduction):
+    scaled in place when it is kept in that dtype, else into a new tensor of that dtype."""
+    if grad.dtype == dtype:
+        _scale_grad_op(grad, grad_output, red.row_len)
+        return grad
+    return _scaled_grad_op(grad, grad_output, red.row_len, dtype)
+
+
+def new_seed(device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
+    """A Philox seed drawn by torch's generator into device memory: no host sync, advances torch's RNG
+    state (consecutive calls differ), follows torch.manual_seed, and is re-drawn on each CUDA-graph replay."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device, generator=generator)

@@ -1,0 +1,27 @@
+"""Public functions: validate, then dispatch to the fused Triton kernels or to the eager reference, one module
+per op family.
+
+Names, argument order and ``reduction=`` semantics mirror torch; ``reduction="batchmean"`` is sum / size of
+dim 0 (the per-example loss of most VAE code) and ``"per_sample"`` the sum over every dim but the first,
+shape ``(B,)``. ``backend=None`` runs Triton on CUDA tensors when it is installed and the eager reference
+elsewhere; ``"torch"`` and ``"triton"`` force a path. Inputs of different floating dtypes promote as in
+torch; under autocast the losses come out in fp32, as torch's do.
+"""
+
+from .._checks import ShapeError
+from .gaussian import (
+    gaussian_kl,
+    gaussian_nll_loss,
+    gaussian_nll_loss_logvar,
+    reparameterize,
+    reparameterize_kl,
+)
+
+__all__ = [
+    "ShapeError",
+    "gaussian_kl",
+    "gaussian_nll_loss",
+    "gaussian_nll_loss_logvar",
+    "reparameterize",
+    "reparameterize_kl",
+]

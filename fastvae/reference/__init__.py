@@ -1,0 +1,27 @@
+"""The loss formulas in eager PyTorch, written once, one module per op family.
+
+They are the CPU path (and any path the Triton kernels do not cover) and the oracle the kernels are tested
+against. They take already-validated arguments; ``fastvae.functional`` checks and dispatches.
+"""
+
+from .common import HALF_LOG_2PI, REDUCTIONS, dtypes, reduce, reduction_scale
+from .gaussian import (
+    GaussianNLL,
+    gaussian_kl,
+    gaussian_nll_logvar,
+    gaussian_nll_var,
+    reparameterize,
+)
+
+__all__ = [
+    "HALF_LOG_2PI",
+    "REDUCTIONS",
+    "GaussianNLL",
+    "dtypes",
+    "gaussian_kl",
+    "gaussian_nll_logvar",
+    "gaussian_nll_var",
+    "reduce",
+    "reduction_scale",
+    "reparameterize",
+]
