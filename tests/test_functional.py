@@ -14,7 +14,7 @@ from torch.distributions import Normal, kl_divergence
 
 import fastvae
 
-REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+REDUCTIONS = ["none", "sum", "mean", "batchmean", "per_sample"]
 SHAPES = [(7,), (33, 5), (4, 3, 6)]
 
 
@@ -23,6 +23,8 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
         return x
     if reduction == "batchmean":
         return x.sum() / x.shape[0]
+    if reduction == "per_sample":
+        return x if x.dim() == 1 else x.flatten(1).sum(1)
     return x.sum() if reduction == "sum" else x.mean()
 
 

@@ -91,6 +91,60 @@ def test_nll_writes_every_element(poisoned, n, var_form):
     _assert_close(var.grad, gv, 1e-5 if var_form != "scalar" else 1e-6, 1e-5)
 
 
+# rows much shorter than a tile (several rows a program, lengths not a multiple of 4), about a tile, and
+# longer than a tile (a row spans programs: the LONG_ROWS path)
+ROW_SHAPES = [(1000, 3), (37, 29), (3, 700), (2, 2500), (1, 4099), (5, 4, 333)]
+
+
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_per_sample_kl_fused_with_sampling(poisoned, shape):
+    mu, lv = _leaf(_randn(*shape)), _leaf(_randn(*shape, scale=0.5))
+    z, kl = fastvae.reparameterize_kl(mu, lv, reduction="per_sample", backend="triton")
+    assert kl.shape == (shape[0],)
+    g_kl = torch.rand(shape[0], device=DEVICE) + 0.5
+    gz = _randn(*shape)
+    (kl * g_kl).sum().add((z * gz).sum()).backward()
+    ref, (gmu, glv) = _grads_f64(lambda m, v: (reference.gaussian_kl(m, v, reduction="per_sample")
+                                               * g_kl.double()).sum(), mu, lv)
+    _assert_close(kl, reference.gaussian_kl(mu.double(), lv.double(), reduction="per_sample"), 1e-6, 1e-6)
+    z64, mu64 = z.detach().double(), mu.detach().double()
+    _assert_close(mu.grad, gmu + gz.double(), 1e-5, 1e-5)
+    _assert_close(lv.grad, glv + 0.5 * (z64 - mu64) * gz.double(), 1e-5, 1e-5)
+    # the noise does not depend on the reduction: the same seed gives the same z
+    torch.manual_seed(3)
+    z1 = fastvae.reparameterize(mu, lv, backend="triton")
+    torch.manual_seed(3)
+    z2, _ = fastvae.reparameterize_kl(mu, lv, reduction="per_sample", backend="triton")
+    assert torch.equal(z1, z2)
+
+
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("var_form", ["element", "feature", "scalar-logvar"])
+def test_per_sample_nll(poisoned, shape, var_form):
+    x, t = _leaf(_randn(*shape)), _randn(*shape)
+    var = {"element": torch.rand(shape) + 0.1, "feature": torch.rand(1, *shape[1:]) + 0.1,
+           "scalar-logvar": torch.randn(())}
+    var = _leaf(var[var_form].to(DEVICE))
+    logvar_form = var_form == "scalar-logvar"
+    loss_fn = fastvae.gaussian_nll_loss_logvar if logvar_form else fastvae.gaussian_nll_loss
+    loss = loss_fn(x, t, var, reduction="per_sample", backend="triton")
+    g = torch.rand(shape[0], device=DEVICE) + 0.5
+    (loss * g).sum().backward()
+
+    def ref_fn(a, v):
+        if logvar_form:
+            per = reference.gaussian_nll_logvar(a, t.double(), v, False, "none")
+        else:
+            per = reference.gaussian_nll_var(a, t.double(), v, False, 1e-6, "none")
+        return per.flatten(1).sum(1)
+
+    ref = ref_fn(x.detach().double(), var.detach().double())
+    _, (gx, gv) = _grads_f64(lambda a, v: (ref_fn(a, v) * g.double()).sum(), x, var)
+    _assert_close(loss, ref, 1e-6, 1e-5)
+    _assert_close(x.grad, gx, 1e-5, 1e-6)
+    _assert_close(var.grad, gv, 1e-5, 1e-5)
+
+
 def _eps_from(z, mu, lv):
     return ((z.double() - mu.double()) / torch.exp(0.5 * lv.double())).flatten()
 
