@@ -155,6 +155,31 @@ def apply_grad_output(grad: Tensor, grad_output: Tensor, red: Reduction, dtype: 
     return _scaled_grad_op(grad, grad_output, red.row_len, dtype)
 
 
+_LIB = torch.library.Library("fastvae", "IMPL")  # lives as long as the module: registrations stay
+
+
+def register_autocast_fp32(op, out_dtype_index: int) -> None:
+    """Under autocast the op behaves as torch's losses do there: its results come out in fp32 (the argument
+    at ``out_dtype_index`` is raised from a half type to fp32), while the inputs go to the kernel in their own
+    dtypes. torch.library.register_autocast would instead cast every input to fp32 first: a copy of each
+    16-bit tensor at twice its bytes, which the kernels, which load any dtype and compute in fp32, never need.
+    """
+    name = op._name if hasattr(op, "_name") else op.__name__
+    overload = getattr(torch.ops.fastvae, name).default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _excluded=excluded):
+            args = list(args)
+            if args[out_dtype_index] in (torch.float16, torch.bfloat16):
+                args[out_dtype_index] = torch.float32
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                return overload(*args)
+
+        _LIB.impl(name, kernel, key, with_keyset=True)
+
+
 def new_seed(device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
     """A Philox seed drawn by torch's generator into device memory: no host sync, advances torch's RNG
     state (consecutive calls differ), follows torch.manual_seed, and is re-drawn on each CUDA-graph replay."""

@@ -167,6 +167,7 @@ def _nll_backward(ctx, grad_loss, _gx, _gv, _neg):
 
 
 _gaussian_nll_op.register_autograd(_nll_backward, setup_context=_nll_setup)
+common.register_autocast_fp32(_gaussian_nll_op, 9)
 
 
 def gaussian_nll(

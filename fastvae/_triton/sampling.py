@@ -45,11 +45,12 @@ def _sample_kl_op(
     out_dtype: torch.dtype,
 ) -> "tuple[Tensor, Tensor]":
     """num_samples: 0 = no sampling, -1 = one sample shaped like mu, K >= 1 = K samples stacked in dim 0.
-    reduction: "" = no KL, else the KL's reduction. z and the KL come out in ``out_dtype``."""
+    reduction: "" = no KL, else the KL's reduction. z comes out in mu's and logvar's promoted dtype, the KL
+    in ``out_dtype`` (fp32 under autocast, as torch's losses)."""
     n = mu.numel()
     red = _plan(mu, reduction)
     kl_mode = _kl_mode(reduction, red)
-    z = common.alloc(mu, _z_shape(mu, num_samples), out_dtype)
+    z = common.alloc(mu, _z_shape(mu, num_samples), torch.promote_types(mu.dtype, logvar.dtype))
     block, warps = launch_config(n)
     grid = triton.cdiv(n, block)
     kl_buf = red.buffer(mu, grid, out_dtype) if kl_mode != KL_OFF else common.alloc(mu, (0,), out_dtype)
@@ -67,7 +68,8 @@ def _sample_kl_op(
 @_sample_kl_op.register_fake
 def _(mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, out_dtype):
     kl_shape = (0,) if reduction == "" else _plan(mu, reduction).out_shape
-    return mu.new_empty(_z_shape(mu, num_samples), dtype=out_dtype), mu.new_empty(kl_shape, dtype=out_dtype)
+    z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
+    return mu.new_empty(_z_shape(mu, num_samples), dtype=z_dtype), mu.new_empty(kl_shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("fastvae::sample_kl_backward", mutates_args=())
@@ -137,6 +139,7 @@ def _sample_kl_backward(ctx, grad_z, grad_kl):
 
 
 _sample_kl_op.register_autograd(_sample_kl_backward, setup_context=_sample_kl_setup)
+common.register_autocast_fp32(_sample_kl_op, 7)
 
 
 def sample_kl(
@@ -151,7 +154,7 @@ def sample_kl(
     reduction: Optional[str],
     out_dtype: torch.dtype,
 ) -> "tuple[Optional[Tensor], Optional[Tensor]]":
-    """Validated arguments in, (z or None, kl or None) out, in ``out_dtype``."""
+    """Validated arguments in, (z or None, kl or None) out, the KL in ``out_dtype``."""
     mu, logvar = mu.contiguous(), logvar.contiguous()
     # a broadcast prior is expanded once; autograd's expand backward reduces its gradient
     if mu_p is not None:

@@ -61,7 +61,7 @@ def reparameterize(
         from .. import _triton
 
         return _triton.sample_kl(mu, logvar, None, None, sample=True, num_samples=num_samples,
-                                 generator=generator, reduction=None, out_dtype=reference.dtypes(mu, logvar)[0])[0]
+                                 generator=generator, reduction=None, out_dtype=mu.dtype)[0]
     return reference.reparameterize(mu, logvar, _eps(mu, num_samples, generator))
 
 

@@ -40,12 +40,12 @@ def reduction_scale(reduction: str, n: int, shape: tuple[int, ...]) -> float:
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def dtypes(*ts: Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(result dtype, compute dtype): torch's type promotion, with half types computed in fp32, and an fp32
-    result under autocast (where torch runs its losses and exp/log in fp32)."""
+def dtypes(*ts: Tensor, loss: bool = True) -> tuple[torch.dtype, torch.dtype]:
+    """(result dtype, compute dtype): torch's type promotion, with half types computed in fp32; a loss comes
+    out in fp32 under autocast, as torch's losses do (a sample such as z keeps the promoted dtype)."""
     out = ts[0].dtype
     for t in ts[1:]:
         out = torch.promote_types(out, t.dtype)
-    if out in HALF_DTYPES and torch.is_autocast_enabled(ts[0].device.type):
+    if loss and out in HALF_DTYPES and torch.is_autocast_enabled(ts[0].device.type):
         out = torch.float32
     return out, (torch.float32 if out in HALF_DTYPES else out)

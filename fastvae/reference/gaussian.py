@@ -27,7 +27,7 @@ from .common import HALF_LOG_2PI, dtypes, reduce, reduction_scale
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
     """z = mu + exp(0.5 logvar) * eps; eps broadcasts from the left when it carries K samples."""
-    out_dtype, dt = dtypes(mu, logvar)
+    out_dtype, dt = dtypes(mu, logvar, loss=False)
     std = torch.exp(0.5 * logvar.to(dt))
     # addcmul's backward needs std and eps but not its own output, so nothing here is saved twice
     return torch.addcmul(mu.to(dt), std, eps.to(dt)).to(out_dtype)

@@ -1,0 +1,55 @@
+"""Count the Triton kernel launches a call makes: a test that a case runs on the kernels (not a silent eager
+fallback) asserts the launches it expects."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import pkgutil
+
+import fastvae.kernels
+import triton
+
+
+class _Counting:
+    """Stands in for a @triton.jit function: counts ``kernel[grid](...)`` launches, then launches."""
+
+    def __init__(self, name: str, fn, counts: collections.Counter):
+        self._name, self._fn, self._counts = name, fn, counts
+
+    def __getitem__(self, grid):
+        launch = self._fn[grid]
+
+        def run(*args, **kwargs):
+            self._counts[self._name] += 1
+            return launch(*args, **kwargs)
+
+        return run
+
+    def __getattr__(self, attr):
+        return getattr(self._fn, attr)
+
+
+def _kernels():
+    for info in pkgutil.iter_modules(fastvae.kernels.__path__):
+        module = importlib.import_module(f"fastvae.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1: both are KernelInterfaces
+            if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel"):
+                yield module, name, obj
+
+
+@contextlib.contextmanager
+def count_launches():
+    """``with count_launches() as counts:`` counts[kernel name] = launches inside the block."""
+    counts: collections.Counter = collections.Counter()
+    patched = []
+    for module, name, fn in _kernels():
+        setattr(module, name, _Counting(name, fn, counts))
+        patched.append((module, name, fn))
+    try:
+        yield counts
+    finally:
+        for module, name, fn in patched:
+            setattr(module, name, fn)
