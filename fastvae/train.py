@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ._checks import interpreting
 from .models import build_model
 from .nn import ELBOLoss
 
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="triton", choices=("triton", "torch", "compile"),
                      help="triton: fastvae's dispatch (the kernels on CUDA, eager on CPU); torch: eager "
                           "PyTorch; compile: torch.compile of the model")
-    run.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast the model to bfloat16")
+    run.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                     help="autocast the model to bfloat16, or to float16 with a gradient scaler")
     run.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if there")
     run.add_argument("--out", default=None, metavar="DIR", help="runs/<timestamp>, or the resumed run folder")
     run.add_argument("--resume", default=None, metavar="PATH", help="run folder or checkpoint.pt to continue")
@@ -224,12 +226,12 @@ def learning_rate(args, step: int, steps_per_epoch: int, world: int) -> float:
 
 
 def elbo_terms(net, loss_fn, x: torch.Tensor, gen, amp):
-    """The model under ``amp()`` (autocast with --amp bf16), the loss in float32."""
+    """The model and the loss under ``amp()`` (autocast with --amp): the 16-bit decoder output goes to the
+    loss kernels as it is, against the fp32 data, and the losses come out in fp32 (no cast in between)."""
     with amp():
         out = net(x, generator=gen)
-    logvar_x = None if out.logvar_x is None else out.logvar_x.float()
-    # the KL of the fused sampling pass; ELBOLoss recomputes it per latent dim only for free bits
-    return loss_fn(out.x_hat.float(), x, out.mu.float(), out.logvar.float(), logvar_x, kl=out.kl.float())
+        # the KL of the fused sampling pass; ELBOLoss recomputes it per latent dim only for free bits
+        return loss_fn(out.x_hat, x, out.mu, out.logvar, out.logvar_x, kl=out.kl)
 
 
 def evaluate(model, loss_fn, x: torch.Tensor, rank: int, world: int, gen, amp) -> dict[str, float]:
@@ -258,8 +260,10 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
         x = x_train[batch]
         elbo = elbo_terms(net, loss_fn, x, gen, amp)
         opt.zero_grad(set_to_none=True)
-        elbo.loss.backward()
-        opt.step()
+        scaler = state["scaler"]
+        scaler.scale(elbo.loss).backward()  # a no-op scale unless --amp fp16
+        scaler.step(opt)
+        scaler.update()
         loss_fn.step()  # advances the beta schedule
         state["step"], state["beta"] = state["step"] + 1, elbo.beta
         terms = torch.stack([elbo.loss, elbo.recon, elbo.kl, torch.ones_like(elbo.kl)]).detach()
@@ -400,7 +404,8 @@ def run(args: argparse.Namespace) -> int:
     x_train, x_test = x_train.to(device), x_test.to(device)
 
     torch.manual_seed(args.seed)  # the same initial parameters on every rank
-    backend = "torch" if args.backend == "torch" else None  # None: the kernels on CUDA, eager elsewhere
+    # the kernels on CUDA (and on CPU tensors under TRITON_INTERPRET=1, as the tests run them), eager elsewhere
+    backend = "torch" if args.backend == "torch" else ("triton" if device.type == "cuda" or interpreting() else None)
     model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim,
                         learned_var=args.likelihood == "gaussian-learned-var", backend=backend).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -426,14 +431,19 @@ def run(args: argparse.Namespace) -> int:
                                                         else None)
     if args.backend == "compile":
         net = torch.compile(net)
-    amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext
+    # fp16's range needs the loss scaled up before backward (and the step skipped on an overflow)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    if ckpt is not None and scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     # this rank's noise, reseeded per epoch from (seed, rank, epoch); torch.compile cannot trace an explicit
     # generator (a graph break), so there it comes from torch's default generator, seeded the same way
     gen = None if args.backend == "compile" else torch.Generator(device)
     eval_gen = torch.Generator(device)
     state = {"args": args, "net": net, "loss_fn": loss_fn, "opt": opt, "sampler": sampler, "world": world,
              "steps_per_epoch": steps_per_epoch, "step": loss_fn.steps, "beta": loss_fn.current_beta(),
-             "losses": []}
+             "losses": [], "scaler": scaler}
     noise_head = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -474,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             ckpt = {"epoch": epoch, "step": state["step"], "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "args": vars(args), "history": history}
+                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "args": vars(args),
+                    "history": history}
             torch.save(ckpt, out / "checkpoint.tmp")
             os.replace(out / "checkpoint.tmp", out / "checkpoint.pt")  # never a half-written checkpoint
 
