@@ -1,5 +1,6 @@
 """Gaussian negative log-likelihood of a reconstruction (B, F): a fixed scalar variance, a per-element
-variance, and a per-element log-variance, summed (the gradient flows to x_hat and to the (log-)variance)."""
+variance, and a per-element log-variance, summed (the gradient flows to x_hat and to the (log-)variance);
+and the mixed-precision case of AMP training: a bf16 decoder output against fp32 data, fixed variance."""
 
 from __future__ import annotations
 
@@ -97,3 +98,20 @@ def test_nll_var(benchmark, bench, recon, dtype, mode, impl):
 
 def test_nll_logvar(benchmark, bench, recon, dtype, mode, impl):
     run_nll("nll_logvar", benchmark, bench, recon, dtype, mode, impl)
+
+
+def make_amp(shape: tuple[int, int], mode: str, device: torch.device) -> Batch:
+    x_hat = torch.randn(shape, device=device).to(torch.bfloat16).requires_grad_(mode == "fwdbwd")
+    return Batch((x_hat, torch.rand(shape, device=device)), (None,) if mode == "fwdbwd" else ())
+
+
+def test_nll_amp_bf16_fp32(benchmark, bench, recon, mode, impl):
+    """bf16 x_hat, fp32 x: ideally reads 2 + 4 bytes an element and writes the 2-byte gradient."""
+    case = Case("nll_amp_bf16_fp32", mode, impl, torch.bfloat16, tuple(recon))
+    bench.run(
+        benchmark,
+        case,
+        op_step(impl_fn("nll_var_scalar", impl, bench), mode),
+        lambda: make_amp(recon, mode, bench.device),
+        nbytes=case.numel * (6 + (2 if mode == "fwdbwd" else 0)),
+    )

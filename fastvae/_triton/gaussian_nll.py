@@ -86,15 +86,17 @@ def _gaussian_nll_op(
     grad_input: bool,
     grad_var: bool,
     out_dtype: torch.dtype,
+    gx_dtype: torch.dtype,
 ) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
-    """(loss, dloss/dinput, dloss/dvar, negative-var flag); the gradients scaled by the reduction."""
+    """(loss, dloss/dinput, dloss/dvar, negative-var flag); the gradients scaled by the reduction, dloss/dinput
+    kept in ``gx_dtype``."""
     n = input.numel()
     mode, v_div, v_mod, v_mul, v_mod2 = _var_index(input.shape, var.shape)
     block, warps = launch_config(n)
     grid = triton.cdiv(n, block)
     red = Reduction.plan(reduction, tuple(input.shape))
     loss = red.buffer(input, grid, out_dtype)
-    gx = common.alloc(input, input.shape if grad_input else (0,), _gx_dtype(input, target))
+    gx = common.alloc(input, input.shape if grad_input else (0,), gx_dtype)
     gv_mode, gv_dtype = _var_grad_plan(mode, red, grad_var, var.dtype)
     gv = common.alloc(input, {GV_OFF: (0,), GV_PARTIAL: (grid,)}.get(gv_mode, input.shape), gv_dtype)
     neg = torch.zeros(1, dtype=torch.int32, device=input.device)
@@ -113,22 +115,18 @@ def _gaussian_nll_op(
     return loss, gx, gv, neg
 
 
-def _gx_dtype(input: Tensor, target: Tensor) -> torch.dtype:
-    return grad_dtype(torch.promote_types(input.dtype, target.dtype))
-
-
 @_gaussian_nll_op.register_fake
-def _(input, target, var, full, eps, reduction, logvar_form, grad_input, grad_var, out_dtype):
+def _(input, target, var, full, eps, reduction, logvar_form, grad_input, grad_var, out_dtype, gx_dtype):
     red = Reduction.plan(reduction, tuple(input.shape))
     loss = input.new_empty(red.out_shape, dtype=out_dtype)
-    gx = input.new_empty(input.shape if grad_input else (0,), dtype=_gx_dtype(input, target))
+    gx = input.new_empty(input.shape if grad_input else (0,), dtype=gx_dtype)
     gv_mode, gv_dtype = _var_grad_plan(_var_index(input.shape, var.shape)[0], red, grad_var, var.dtype)
     gv = input.new_empty({GV_OFF: (0,), GV_PARTIAL: ()}.get(gv_mode, input.shape), dtype=gv_dtype)
     return loss, gx, gv, input.new_empty(1, dtype=torch.int32)
 
 
 def _nll_setup(ctx, inputs, output):
-    input, target, var, full, eps, reduction, logvar_form, grad_input, grad_var, out_dtype = inputs
+    input, target, var, full, eps, reduction, logvar_form, grad_input, grad_var, out_dtype, gx_dtype = inputs
     _, gx, gv, neg = output
     ctx.mark_non_differentiable(gx, gv, neg)
     # the gradients the forward wrote are what backward needs; scaling them in place bumps their
@@ -163,7 +161,7 @@ def _nll_backward(ctx, grad_loss, _gx, _gv, _neg):
                 else grad_loss
             g = gv * go
             grad_var = (g.reshape(ctx.var_shape) if g.numel() == 1 else g.sum_to_size(ctx.var_shape)).to(t_v)
-    return grad_input, grad_target, grad_var, None, None, None, None, None, None, None
+    return grad_input, grad_target, grad_var, None, None, None, None, None, None, None, None
 
 
 _gaussian_nll_op.register_autograd(_nll_backward, setup_context=_nll_setup)
@@ -178,10 +176,14 @@ def gaussian_nll(
     grad = torch.is_grad_enabled()
     need_x = grad and (input.requires_grad or target.requires_grad)
     need_v = grad and var.requires_grad
+    # one gradient serves input and target: kept in the input's dtype (a 16-bit model output against fp32
+    # data writes 16 bits and scales in place), in the promoted one when the target needs it too
+    gx_dtype = grad_dtype(torch.promote_types(input.dtype, target.dtype) if grad and target.requires_grad
+                          else input.dtype)
     var_c = var if var.numel() == 1 else var.contiguous()
     loss, _, _, neg = _gaussian_nll_op(
         input.contiguous(), target.contiguous(), var_c, full, float(eps), reduction, logvar_form, need_x, need_v,
-        out_dtype,
+        out_dtype, gx_dtype,
     )
     if not logvar_form:
         _raise_on_negative(neg)
