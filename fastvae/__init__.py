@@ -9,11 +9,14 @@
 from . import nn
 from .functional import (
     ShapeError,
+    estimate_log_likelihood,
     gaussian_kl,
     gaussian_nll_loss,
     gaussian_nll_loss_logvar,
+    iwae_bound,
     reparameterize,
     reparameterize_kl,
+    sample_log_weights,
 )
 
 __version__ = "0.1.0"
@@ -27,3 +30,4 @@ __all__ = [
     "reparameterize",
     "reparameterize_kl",
 ]
+__all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]

@@ -78,19 +78,22 @@ def sum_partials_kernel(partial_ptr, out_ptr, n_partials, scale, BLOCK: tl.const
 
 @triton.jit
 def sum_row_partials_kernel(partial_ptr, out_ptr, n_rows, row_len, tile, max_segments, scale,
-                            ROWS: tl.constexpr, SEGMENTS: tl.constexpr):
-    """out[r] = scale * sum of row r's segment partials (slots p + r for the programs p of tile size
-    ``tile`` that row r meets). Reads 4 (P + R) bytes, writes R elements."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = rows < n_rows
-    first = rows * row_len // tile + rows
-    last = ((rows + 1) * row_len - 1) // tile + rows
+                            rows_per_set, set_stride, ROWS: tl.constexpr, SEGMENTS: tl.constexpr):
+    """out[q] = scale * sum of row q's segment partials (slots p + r for the programs p of tile size ``tile``
+    that row r meets). Rows come in sets of ``rows_per_set`` (one set per sample drawn, each set's slots
+    ``set_stride`` apart; a single set otherwise). Reads 4 (P + R) bytes a set, writes R elements."""
+    q = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = q < n_rows
+    s = q // rows_per_set
+    r = q - s * rows_per_set
+    first = s * set_stride + r * row_len // tile + r
+    last = s * set_stride + ((r + 1) * row_len - 1) // tile + r
     acc = tl.zeros([ROWS], dtype=tl.float32)
     for j in range(0, max_segments, SEGMENTS):
         slot = first[:, None] + j + tl.arange(0, SEGMENTS)[None, :]
         m = live[:, None] & (slot <= last[:, None])
         acc += tl.sum(tl.load(partial_ptr + slot, mask=m, other=0.0), axis=1)
-    tl.store(out_ptr + rows, (acc * scale).to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out_ptr + q, (acc * scale).to(out_ptr.dtype.element_ty), mask=live)
 
 
 @triton.jit

@@ -22,6 +22,14 @@ Backward regenerates eps from the same seed and counters:
 where g_kl is the per-element KL gradient, the row's (per_sample), or the scalar grad_output times the
 reduction's scale, read on the device. Bytes: reads K*N (grad_z) + 2N, writes 2N (plus 2N in, 2N out with a prior).
 
+With LOG_RATIO (``sample_log_weights``), each sample k also gets its per-row log importance ratio against the
+standard-normal prior, reduced in the kernel like a per-sample KL (one partial per row segment, K sets):
+
+    log_ratio[k, b] = sum_{i in row b} 0.5 * (eps[k,i]^2 - z[k,i]^2 + logvar[i])      (= log p(z) - log q(z|x))
+    backward:  dL/dz[k,i] += -g[k,b] * z[k,i],   dL/dlogvar[i] += 0.5 * sum_k g[k,b]
+
+Bytes: reads 2N, writes K*N for z and 4 K (P + B) for the partials (B = rows).
+
 One Philox call (10 rounds) yields four normals (two Box-Muller pairs), so each program works on a
 [BLOCK/4, 4] tile: a row is one counter and four neighbouring elements, which keeps the loads contiguous
 and spends a quarter of the integer work of one call per element.
@@ -76,21 +84,26 @@ def _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P: tl.constexpr, HAS_
 @triton.jit
 def sample_kl_fwd_kernel(
     mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
-    z_ptr, kl_ptr,
-    n, num_samples, row_len,
+    z_ptr, kl_ptr, lr_ptr,
+    n, num_samples, row_len, lr_stride,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
-    PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs, rows, mask = _tile(tl.program_id(0), n, BLOCK)
+    pid = tl.program_id(0)
+    offs, rows, mask = _tile(pid, n, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
         seed = tl.load(seed_ptr)
         std = tl.exp(0.5 * lv)
-        z_offs, counters = offs, rows
+        z_offs, counters, lr_base = offs, rows, lr_ptr
         for _ in range(num_samples):
             eps = _noise(seed, counters)
-            tl.store(z_ptr + z_offs, (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
+            z = mu + std * eps
+            tl.store(z_ptr + z_offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+            if LOG_RATIO:  # log N(z; 0, I) - log N(z; mu, e^lv), summed per row: the 2 pi terms cancel
+                store_partials(0.5 * (eps * eps - z * z + lv), mask, lr_base, pid, row_len, True, BLOCK, LONG_ROWS)
+                lr_base += lr_stride
             z_offs += n
             counters += (n + 3) // 4
     if KL_MODE != KL_OFF:
@@ -99,39 +112,54 @@ def sample_kl_fwd_kernel(
         if KL_MODE == KL_ELEMENTWISE:
             tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
         else:
-            store_partials(kl, mask, kl_ptr, tl.program_id(0), row_len, PER_ROW, BLOCK, LONG_ROWS)
+            store_partials(kl, mask, kl_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
 
 
 @triton.jit
 def sample_kl_bwd_kernel(
-    gz_ptr, gkl_ptr, mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
+    gz_ptr, gkl_ptr, glr_ptr, mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     gmu_ptr, glv_ptr, gmup_ptr, glvp_ptr,
-    n, num_samples, kl_scale, row_len,
+    n, num_samples, kl_scale, row_len, n_rows,
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
-    PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs, rows, mask = _tile(tl.program_id(0), n, BLOCK)
+    pid = tl.program_id(0)
+    offs, rows, mask = _tile(pid, n, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gmu = tl.zeros_like(mu)
     glv = tl.zeros_like(mu)
-    if HAS_GZ:
+    if PER_ROW or LOG_RATIO:  # each element's row: where its per-row gradient is read
+        row, _ = row_col(pid, row_len, BLOCK, LONG_ROWS)
+        row = tl.reshape(row, [BLOCK // 4, 4])
+    else:
+        row = offs
+    if HAS_GZ or LOG_RATIO:
         seed = tl.load(seed_ptr)
-        gz_offs, counters = offs, rows
-        g_eps = tl.zeros_like(mu)
+        std = tl.exp(0.5 * lv)
+        gz_offs, counters, lr_offs = offs, rows, row
+        g_eps = tl.zeros_like(mu)  # sum_k dL/dz_k * eps_k: dz/dlogvar = 0.5 std eps
         for _ in range(num_samples):
-            gz = tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)
-            gmu += gz
-            g_eps += gz * _noise(seed, counters)
+            eps = _noise(seed, counters)
+            g_z = tl.zeros_like(mu)
+            if HAS_GZ:
+                g_z += tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)
+            if LOG_RATIO:
+                # d(log ratio)/dz = -z; directly, d(log ratio)/dlogvar = 0.5
+                g_lr = tl.load(glr_ptr + lr_offs, mask=mask, other=0.0).to(tl.float32)
+                g_z -= g_lr * (mu + std * eps)
+                glv += 0.5 * g_lr
+                lr_offs += n_rows
+            gmu += g_z
+            g_eps += g_z * eps
             gz_offs += n
             counters += (n + 3) // 4
-        glv = 0.5 * tl.exp(0.5 * lv) * g_eps
+        glv += 0.5 * std * g_eps
     if KL_MODE != KL_OFF:
         if KL_MODE == KL_ELEMENTWISE:
             g = tl.load(gkl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         elif PER_ROW:
-            row, _ = row_col(tl.program_id(0), row_len, BLOCK, LONG_ROWS)
-            g = tl.load(gkl_ptr + tl.reshape(row, [BLOCK // 4, 4]), mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gkl_ptr + row, mask=mask, other=0.0).to(tl.float32)
         else:
             g = tl.load(gkl_ptr).to(tl.float32) * kl_scale
         d, inv_var_p, lvp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P)

@@ -11,6 +11,7 @@ reductions are finished on the device, and grad_output is read by the kernels th
 
 from . import common
 from .gaussian_nll import gaussian_nll, nll_supported
-from .sampling import sample_kl
+from .sampling import sample_kl, sample_log_weights
 
 __all__ = ["common", "gaussian_nll", "nll_supported", "sample_kl"]
+__all__ += ["sample_log_weights"]

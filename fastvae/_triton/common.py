@@ -92,13 +92,20 @@ class Reduction(NamedTuple):
             return out
         if self.n == 0:
             return out.zero_()
-        rows_per_prog, segments = 64, 8
-        max_segments = (self.row_len + block - 2) // block + 1
-        reduce_k.sum_row_partials_kernel[(triton.cdiv(self.rows, rows_per_prog),)](
-            buf, out, self.rows, self.row_len, block, max_segments, self.scale,
-            ROWS=rows_per_prog, SEGMENTS=segments,
-        )
-        return out
+        return finish_rows(buf, out, self.rows, self.row_len, block, self.scale)
+
+
+def finish_rows(buf: Tensor, out: Tensor, rows: int, row_len: int, block: int, scale: float, sets: int = 1,
+                set_stride: int = 0) -> Tensor:
+    """out (``sets`` x ``rows`` values) = scale * the row sums of per-row partials written by
+    ``store_partials`` with tiles of ``block`` elements; set s's slots start at s * set_stride."""
+    rows_per_prog, segments = 64, 8
+    max_segments = (row_len + block - 2) // block + 1
+    reduce_k.sum_row_partials_kernel[(triton.cdiv(sets * rows, rows_per_prog),)](
+        buf, out, sets * rows, row_len, block, max_segments, scale, rows, set_stride,
+        ROWS=rows_per_prog, SEGMENTS=segments,
+    )
+    return out
 
 
 def finish_sum(partials: Tensor, scale: float, dtype: torch.dtype) -> Tensor:

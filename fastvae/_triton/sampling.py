@@ -42,40 +42,67 @@ def _sample_kl_op(
     seed: Tensor,
     num_samples: int,
     reduction: str,
+    log_ratio: bool,
     out_dtype: torch.dtype,
-) -> "tuple[Tensor, Tensor]":
-    """num_samples: 0 = no sampling, -1 = one sample shaped like mu, K >= 1 = K samples stacked in dim 0.
-    reduction: "" = no KL, else the KL's reduction. z comes out in mu's and logvar's promoted dtype, the KL
-    in ``out_dtype`` (fp32 under autocast, as torch's losses)."""
+) -> "tuple[Tensor, Tensor, Tensor]":
+    """(z, kl, log_ratio). num_samples: 0 = no sampling, -1 = one sample shaped like mu, K >= 1 = K samples
+    stacked in dim 0. reduction: "" = no KL, else the KL's reduction. log_ratio: also each sample's per-row
+    log p(z) - log q(z|x), shape (K, B), in fp32 at least (the KL must be off). z comes out in mu's and
+    logvar's promoted dtype, the KL in ``out_dtype`` (fp32 under autocast, as torch's losses)."""
     n = mu.numel()
     red = _plan(mu, reduction)
     kl_mode = _kl_mode(reduction, red)
+    k = max(num_samples, 1)
     z = common.alloc(mu, _z_shape(mu, num_samples), torch.promote_types(mu.dtype, logvar.dtype))
     block, warps = launch_config(n)
     grid = triton.cdiv(n, block)
     kl_buf = red.buffer(mu, grid, out_dtype) if kl_mode != KL_OFF else common.alloc(mu, (0,), out_dtype)
+    rows = _lr_plan(mu) if log_ratio else red
+    lr_stride = grid + rows.rows  # slots of one sample's row segments
+    lr_buf = common.alloc(mu, (k * lr_stride,) if log_ratio else (0,), torch.float32)
     if n:
         sampling_k.sample_kl_fwd_kernel[(grid,)](
-            mu, logvar, mu_p, logvar_p, seed, z, kl_buf, n, max(num_samples, 1), red.row_len,
+            mu, logvar, mu_p, logvar_p, seed, z, kl_buf, lr_buf, n, k, rows.row_len, lr_stride,
             SAMPLE=num_samples != 0, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
-            PER_ROW=red.reduction == "per_sample", LONG_ROWS=red.row_len >= block, BLOCK=block, num_warps=warps,
+            LOG_RATIO=log_ratio, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
+            BLOCK=block, num_warps=warps,
         )
     if kl_mode == KL_REDUCED:
         kl_buf = red.finish(kl_buf, block, out_dtype)
-    return z, kl_buf
+    lr = common.alloc(mu, (k, rows.rows) if log_ratio else (0,), _lr_dtype(out_dtype))
+    if log_ratio:
+        if n:
+            common.finish_rows(lr_buf, lr, rows.rows, rows.row_len, block, 1.0, sets=k, set_stride=lr_stride)
+        else:
+            lr.zero_()
+    return z, kl_buf, lr
+
+
+def _lr_plan(mu: Tensor) -> Reduction:
+    """The rows of the log-ratio: one per sample of the batch (dim 0), as reduction="per_sample"."""
+    return Reduction("per_sample", mu.numel(), mu.shape[0], mu.numel() // mu.shape[0] if mu.shape[0] else 0,
+                     1.0, (mu.shape[0],))
+
+
+def _lr_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    # a sum over a row, then exponentiated in a logsumexp: 16 bits would lose the differences that count
+    return torch.promote_types(out_dtype, torch.float32)
 
 
 @_sample_kl_op.register_fake
-def _(mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, out_dtype):
+def _(mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, log_ratio, out_dtype):
     kl_shape = (0,) if reduction == "" else _plan(mu, reduction).out_shape
     z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-    return mu.new_empty(_z_shape(mu, num_samples), dtype=z_dtype), mu.new_empty(kl_shape, dtype=out_dtype)
+    lr_shape = (max(num_samples, 1), mu.shape[0]) if log_ratio else (0,)
+    return (mu.new_empty(_z_shape(mu, num_samples), dtype=z_dtype), mu.new_empty(kl_shape, dtype=out_dtype),
+            mu.new_empty(lr_shape, dtype=_lr_dtype(out_dtype)))
 
 
 @torch.library.custom_op("fastvae::sample_kl_backward", mutates_args=())
 def _sample_kl_backward_op(
     grad_z: Optional[Tensor],
     grad_kl: Optional[Tensor],
+    grad_lr: Optional[Tensor],
     mu: Tensor,
     logvar: Tensor,
     mu_p: Optional[Tensor],
@@ -89,15 +116,18 @@ def _sample_kl_backward_op(
     has_gz = grad_z is not None and num_samples != 0
     red = _plan(mu, reduction)
     kl_mode = _kl_mode(reduction, red) if grad_kl is not None else KL_OFF
+    rows = _lr_plan(mu) if grad_lr is not None else red
     block, warps = launch_config(n)
     if n:
         sampling_k.sample_kl_bwd_kernel[(triton.cdiv(n, block),)](
             grad_z.contiguous() if has_gz else None, grad_kl.contiguous() if kl_mode != KL_OFF else None,
+            grad_lr.contiguous() if grad_lr is not None else None,
             mu, logvar, mu_p, logvar_p, seed,
             grad_mu, grad_logvar, grad_mu_p, grad_logvar_p,
-            n, max(num_samples, 1), red.scale, red.row_len,
+            n, max(num_samples, 1), red.scale, rows.row_len, rows.rows,
             HAS_GZ=has_gz, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
-            PER_ROW=red.reduction == "per_sample", LONG_ROWS=red.row_len >= block, BLOCK=block, num_warps=warps,
+            LOG_RATIO=grad_lr is not None, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
+            BLOCK=block, num_warps=warps,
         )
     return grad_mu, grad_logvar, grad_mu_p, grad_logvar_p
 
@@ -113,33 +143,34 @@ def _sample_kl_grads(mu, logvar, mu_p, logvar_p, alloc) -> "tuple[Tensor, ...]":
 
 
 @_sample_kl_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, mu_p, logvar_p, seed, num_samples, reduction):
+def _(grad_z, grad_kl, grad_lr, mu, logvar, mu_p, logvar_p, seed, num_samples, reduction):
     return _sample_kl_grads(mu, logvar, mu_p, logvar_p, lambda like, shape: like.new_empty(shape))
 
 
 def _sample_kl_setup(ctx, inputs, output):
-    mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, out_dtype = inputs
+    mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, log_ratio, out_dtype = inputs
     ctx.save_for_backward(mu, logvar, mu_p, logvar_p, seed)
-    ctx.num_samples, ctx.reduction = num_samples, reduction
+    ctx.num_samples, ctx.reduction, ctx.log_ratio = num_samples, reduction, log_ratio
 
 
-def _sample_kl_backward(ctx, grad_z, grad_kl):
+def _sample_kl_backward(ctx, grad_z, grad_kl, grad_lr):
     mu, logvar, mu_p, logvar_p, seed = ctx.saved_tensors
     gmu, glv, gmup, glvp = _sample_kl_backward_op(
         grad_z if ctx.num_samples != 0 else None,
         grad_kl if ctx.reduction != "" else None,
+        grad_lr if ctx.log_ratio else None,
         mu, logvar, mu_p, logvar_p, seed, ctx.num_samples, ctx.reduction,
     )
     return (
         gmu, glv,
         gmup if mu_p is not None else None,
         glvp if logvar_p is not None else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
 _sample_kl_op.register_autograd(_sample_kl_backward, setup_context=_sample_kl_setup)
-common.register_autocast_fp32(_sample_kl_op, 7)
+common.register_autocast_fp32(_sample_kl_op, 8)
 
 
 def sample_kl(
@@ -163,5 +194,14 @@ def sample_kl(
         logvar_p = logvar_p.expand(mu.shape).contiguous()
     k = (-1 if num_samples is None else num_samples) if sample else 0
     seed = common.new_seed(mu.device, generator) if sample else torch.zeros(1, dtype=torch.int64, device=mu.device)
-    z, kl = _sample_kl_op(mu, logvar, mu_p, logvar_p, seed, k, reduction or "", out_dtype)
+    z, kl, _ = _sample_kl_op(mu, logvar, mu_p, logvar_p, seed, k, reduction or "", False, out_dtype)
     return (z if sample else None), (kl if reduction is not None else None)
+
+
+def sample_log_weights(mu: Tensor, logvar: Tensor, *, num_samples: int, generator: Optional[torch.Generator],
+                       out_dtype: torch.dtype) -> "tuple[Tensor, Tensor]":
+    """Validated arguments in, (z of shape (K, *mu.shape), log_ratio of shape (K, B)) out."""
+    seed = common.new_seed(mu.device, generator)
+    z, _, lr = _sample_kl_op(mu.contiguous(), logvar.contiguous(), None, None, seed, num_samples, "", True,
+                             out_dtype)
+    return z, lr

@@ -16,6 +16,7 @@ from .gaussian import (
     reparameterize,
     reparameterize_kl,
 )
+from .iwae import estimate_log_likelihood, iwae_bound, sample_log_weights
 
 __all__ = [
     "ShapeError",
@@ -25,3 +26,4 @@ __all__ = [
     "reparameterize",
     "reparameterize_kl",
 ]
+__all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]

@@ -12,6 +12,7 @@ from .gaussian import (
     gaussian_nll_var,
     reparameterize,
 )
+from .iwae import iwae_bound, sample_log_weights
 
 __all__ = [
     "HALF_LOG_2PI",
@@ -25,3 +26,4 @@ __all__ = [
     "reduction_scale",
     "reparameterize",
 ]
+__all__ += ["iwae_bound", "sample_log_weights"]
