@@ -6,7 +6,8 @@ of p(x|z) = N(x_hat, var) (sigmoid, so in [0, 1]). With ``learned_var=True`` the
 log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaussian-learned-var")``.
 
     model = ConvVAE(in_channels=1, image_size=28, latent_dim=16)
-    out = model(x)                                   # VAEOutput(x_hat, logvar_x, mu, logvar, kl)
+    out = model(x)                                   # VAEOutput(x_hat, logvar_x, mu, logvar, kl, None)
+    out = model(x, num_samples=K)                    # x_hat (K, B, ...), log_ratio (K, B): IWAE
     loss = fastvae.nn.ELBOLoss(var=0.1)(out.x_hat, x, out.mu, out.logvar).loss
 """
 
@@ -32,7 +33,8 @@ class VAEOutput(NamedTuple):
     logvar_x: Tensor | None  # learned log-variance of p(x|z), broadcasts to x; None for a fixed variance
     mu: Tensor  # (B, latent_dim)
     logvar: Tensor  # (B, latent_dim)
-    kl: Tensor  # KL(q(z|x) || N(0, I)) summed over latent dims, mean over the batch
+    kl: Tensor | None  # KL(q(z|x) || N(0, I)) summed over latent dims, mean over the batch (one sample)
+    log_ratio: Tensor | None = None  # (K, B) with num_samples=K: log p(z) - log q(z|x) of each sample
 
 
 class VAE(nn.Module):
@@ -58,12 +60,20 @@ class VAE(nn.Module):
         logvar_x = LOGVAR_X_MIN + nn.functional.softplus(self.logvar_x - LOGVAR_X_MIN)
         return x_hat, logvar_x
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                num_samples: int | None = None) -> VAEOutput:
+        """One sample of z with its KL; with ``num_samples=K``, K samples with their log importance ratios
+        (x_hat of shape (K, B, ...), for ``fastvae.iwae_bound``)."""
         mu, logvar = self.encode(x)
-        z, kl = fastvae.reparameterize_kl(mu, logvar, reduction="batchmean", generator=generator,
-                                          backend=self.backend)
-        x_hat, logvar_x = self.decode(z)
-        return VAEOutput(x_hat, logvar_x, mu, logvar, kl)
+        if num_samples is None:
+            z, kl = fastvae.reparameterize_kl(mu, logvar, reduction="batchmean", generator=generator,
+                                              backend=self.backend)
+            x_hat, logvar_x = self.decode(z)
+            return VAEOutput(x_hat, logvar_x, mu, logvar, kl)
+        z, log_ratio = fastvae.sample_log_weights(mu, logvar, num_samples=num_samples, generator=generator,
+                                                  backend=self.backend)
+        x_hat, logvar_x = self.decode(z.flatten(0, 1))
+        return VAEOutput(x_hat.unflatten(0, z.shape[:2]), logvar_x, mu, logvar, None, log_ratio)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

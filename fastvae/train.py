@@ -21,14 +21,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import fastvae
+
 from ._checks import interpreting
 from .models import build_model
-from .nn import ELBOLoss
+from .nn import ELBOLoss, ELBOOutput
 
 REFERENCE_BATCH = 256  # --lr is the learning rate at this global batch size
 # the settings that may change when a run is resumed; everything else comes from the checkpoint
 RESUMABLE = ("epochs", "out", "resume", "backend", "amp", "device", "data_dir", "download", "max_steps",
-             "debug_ranks")
+             "eval_samples", "debug_ranks")
 
 DESCRIPTION = """\
 Train a VAE with fastvae's fused loss. With no arguments: scikit-learn's handwritten digits (offline), on
@@ -45,13 +47,14 @@ lr x sqrt(B / {REFERENCE_BATCH})
   --lr-warmup and --kl-warmup take epochs ("5", "0.5") or optimizer steps ("200steps").
 
 --resume restores a run's settings and state; only --epochs, --out, --backend, --amp, --device,
---data-dir, --download and --max-steps may differ.
+--data-dir, --download, --max-steps and --eval-samples may differ.
 
 examples:
   python -m fastvae.train                                  # digits, well under a minute on a laptop CPU
   python -m fastvae.train --dataset mnist --download --model conv --batch-size 1024
   torchrun --nproc_per_node=4 -m fastvae.train --dataset mnist --batch-size 512   # B = 2048
   python -m fastvae.train --resume runs/20250101-120000 --epochs 200               # continue to 200
+  python -m fastvae.train --objective iwae --num-samples 16 --eval-samples 1000   # IWAE, log p(x) estimate
 """
 
 
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="p(x|z) = N(x_hat, --var), or with a learned variance per pixel")
     model.add_argument("--var", type=_positive_float, default=0.02, help="the fixed variance of p(x|z)")
     model.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL term")
+    model.add_argument("--objective", default="elbo", choices=("elbo", "iwae"),
+                       help="iwae: the importance-weighted bound over --num-samples samples of z")
+    model.add_argument("--num-samples", type=_positive_int, default=8, metavar="K",
+                       help="samples of z per image for --objective iwae")
     model.add_argument("--free-bits", type=_nonneg_float, default=0.0, metavar="NATS",
                        help="least KL counted per latent dim")
     model.add_argument("--kl-warmup", type=_duration, default="0", metavar="T",
@@ -138,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if there")
     run.add_argument("--out", default=None, metavar="DIR", help="runs/<timestamp>, or the resumed run folder")
     run.add_argument("--resume", default=None, metavar="PATH", help="run folder or checkpoint.pt to continue")
+    run.add_argument("--eval-samples", type=_positive_int, default=None, metavar="K",
+                     help="also estimate the held-out log p(x) with K importance samples each epoch")
     run.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
                      help="stop after N optimizer steps in all (smoke tests)")
     run.add_argument("--debug-ranks", action="store_true", help=argparse.SUPPRESS)  # rank{r}.json per process
@@ -234,6 +243,48 @@ def elbo_terms(net, loss_fn, x: torch.Tensor, gen, amp):
         return loss_fn(out.x_hat, x, out.mu, out.logvar, out.logvar_x, kl=out.kl)
 
 
+def log_likelihood(loss_fn, x_hat: torch.Tensor, x: torch.Tensor, logvar_x: torch.Tensor | None) -> torch.Tensor:
+    """log p(x|z) of K samples, (K, B), for x_hat of shape (K, B, ...) and x of shape (B, ...)."""
+    k, b = x_hat.shape[:2]
+    # the kernels take input and target of one shape: one copy of x per sample, flattened beside x_hat
+    target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+    if logvar_x is None:
+        nll = fastvae.gaussian_nll_loss(x_hat.flatten(0, 1), target, loss_fn.var, full=True, reduction="per_sample",
+                                        backend=loss_fn.backend)
+    else:
+        nll = fastvae.gaussian_nll_loss_logvar(x_hat.flatten(0, 1), target, logvar_x, full=True,
+                                               reduction="per_sample", backend=loss_fn.backend)
+    return -nll.view(k, b)
+
+
+def iwae_terms(net, loss_fn, x: torch.Tensor, k: int, gen, amp) -> ELBOOutput:
+    """The negated K-sample bound, batch mean, as the loss; recon and KL are the sample means of -log p(x|z)
+    and of log q(z|x) - log p(z)."""
+    with amp():
+        out = net(x, generator=gen, num_samples=k)
+        ll = log_likelihood(loss_fn, out.x_hat, x, out.logvar_x)
+        bound = fastvae.iwae_bound(ll, out.log_ratio)
+    return ELBOOutput(-bound.mean(), -ll.mean(), -out.log_ratio.mean(), 1.0)
+
+
+def estimate_log_px(model, loss_fn, x: torch.Tensor, rank: int, world: int, k: int, gen, amp) -> float:
+    """Mean held-out log p(x), importance-sampled with K samples an image (fastvae.estimate_log_likelihood)."""
+
+    def ll(z, images):
+        x_hat, logvar_x = model.decode(z.flatten(0, 1))
+        return log_likelihood(loss_fn, x_hat.unflatten(0, z.shape[:2]), images, logvar_x)
+
+    total = torch.zeros(2, dtype=torch.float64, device=x.device)
+    with torch.no_grad(), amp():
+        for chunk in x[rank::world].split(256):
+            est = fastvae.estimate_log_likelihood(model.encode, ll, chunk, num_samples=k, generator=gen,
+                                                  backend=loss_fn.backend)
+            total += torch.stack([est.sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
+                                                           device=x.device)])
+    log_px, n = all_reduce(total).tolist()
+    return log_px / max(n, 1.0)
+
+
 def evaluate(model, loss_fn, x: torch.Tensor, rank: int, world: int, gen, amp) -> dict[str, float]:
     """Held-out recon and KL (beta 1, no free bits): rank r takes images r, r + world, ...; summed."""
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # recon, kl (times images), images
@@ -258,7 +309,10 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
         for group in opt.param_groups:
             group["lr"] = learning_rate(args, state["step"], state["steps_per_epoch"], state["world"])
         x = x_train[batch]
-        elbo = elbo_terms(net, loss_fn, x, gen, amp)
+        if args.objective == "iwae":
+            elbo = iwae_terms(net, loss_fn, x, args.num_samples, gen, amp)
+        else:
+            elbo = elbo_terms(net, loss_fn, x, gen, amp)
         opt.zero_grad(set_to_none=True)
         scaler = state["scaler"]
         scaler.scale(elbo.loss).backward()  # a no-op scale unless --amp fp16
@@ -471,6 +525,8 @@ def run(args: argparse.Namespace) -> int:
         # the same held-out noise every epoch, so that epochs compare on equal terms
         eval_gen.manual_seed(seed_for(args.seed, rank))
         test = evaluate(model, loss_fn, x_test, rank, world, eval_gen, amp)
+        if args.eval_samples:
+            test["log_px"] = estimate_log_px(model, loss_fn, x_test, rank, world, args.eval_samples, eval_gen, amp)
         mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), dist.ReduceOp.MAX).item()
         speed = {k: train.pop(k) for k in ("images_per_s", "epoch_s")}
         metrics = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v for k, v in train.items()},
@@ -478,8 +534,10 @@ def run(args: argparse.Namespace) -> int:
                    "lr": opt.param_groups[0]["lr"], **speed, "peak_mem_mb": mem, "world_size": world}
         history.append(metrics)
         if rank == 0:
-            tqdm.write(f"epoch {epoch:3d}  train ELBO {train['elbo']:8.2f}  held-out ELBO {test['elbo']:8.2f}"
-                       f"  recon {test['recon']:8.2f}  KL {test['kl']:6.2f}"
+            log_px = f"  log p(x) ~ {test['log_px']:8.2f}" if "log_px" in test else ""
+            tqdm.write(f"epoch {epoch:3d}  train {'IWAE' if args.objective == 'iwae' else 'ELBO'} "
+                       f"{train['elbo']:8.2f}  held-out ELBO {test['elbo']:8.2f}"
+                       f"  recon {test['recon']:8.2f}  KL {test['kl']:6.2f}{log_px}"
                        f"  {speed['images_per_s']:,.0f} images/s", file=sys.stdout)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -502,6 +560,9 @@ def run(args: argparse.Namespace) -> int:
             best = max(history, key=lambda m: m["test_elbo"])
             print(f"best held-out ELBO {best['test_elbo']:.2f} nats at epoch {best['epoch']}; "
                   f"{time.perf_counter() - t_start:.1f} s; files in {out}")
+            if "test_log_px" in history[-1]:
+                print(f"held-out log p(x) ~ {history[-1]['test_log_px']:.2f} nats (K = {args.eval_samples} "
+                      "importance samples an image), the ELBO's bound tightened")
     return 0
 
 
