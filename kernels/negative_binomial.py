@@ -1,0 +1,153 @@
+"""Negative binomial and zero-inflated negative binomial NLLs (the scRNA-seq count likelihoods of scVI), loss and
+gradients in one pass, with the fp32 lgamma and digamma they need.
+
+Mean / inverse-dispersion parameterization, term for term as scvi-tools' ``log_nb_positive`` and
+``log_zinb_positive`` (eps inside the logs). Per element, with count x, mean mu, inverse dispersion th and
+dropout logit pi:
+
+    A      = th * (log(th + eps) - log(th + mu + eps))
+    log_nb = A + x * (log(mu + eps) - log(th + mu + eps)) + lgamma(x + th) - lgamma(th) - lgamma(x + 1)
+    NB:    loss = -log_nb
+    ZINB:  loss = -(softplus(-pi + A) - softplus(-pi))          where x < eps
+           loss = -(log_nb - softplus(-pi) - pi)                 where x > eps   (0 at x == eps, as scvi)
+
+    d log_nb / d mu = x / (mu + eps) - (th + x) / (th + mu + eps)
+    d log_nb / d th = dA/dth - x / (th + mu + eps) + digamma(x + th) - digamma(th),
+                      dA/dth = log(th + eps) - log(th + mu + eps) + th / (th + eps) - th / (th + mu + eps)
+    zero case, s = sigmoid(-pi + A):   d/dmu = -s * th / (th + mu + eps)   d/dth = s * dA/dth
+                                       d/dpi = sigmoid(-pi) - s
+    non-zero case:                     d/dpi = sigmoid(-pi) - 1            (mu, th: those of log_nb)
+
+Gradients are stored already multiplied by the reduction's scale (and negated, as the loss is), so backward is
+a multiply by grad_output that is skipped on the device when grad_output is exactly 1. x gets no gradient: it
+is the data. th is indexed, not materialized (TH_MODE, see bernoulli.load_bcast): one per feature
+broadcast over the rows reads G values for N elements.
+
+Bytes for N elements: reads 2N (x, mu) + N for a full-shape th + N for pi (ZINB); writes N for each gradient
+asked for (mu, th, pi) and N for reduction="none" or fp32 partials otherwise. Compared with the eager
+formulas (about twenty launches, each reading and writing N-sized intermediates) this is one pass.
+"""
+
+import triton
+import triton.language as tl
+
+from .bernoulli import load_bcast, log1p
+from .reduce import store_partials
+
+HALF_LOG_2PI = tl.constexpr(0.9189385332046727)
+SHIFT = tl.constexpr(6)  # recurrence steps: the asymptotic series starts at x >= 6
+
+FN_DIGAMMA = tl.constexpr(0)
+FN_LGAMMA = tl.constexpr(1)
+
+
+@triton.jit
+def digamma(x):
+    """psi(x) for x > 0 in fp32: psi(x) = psi(x + k) - sum_{j<k} 1/(x + j) up to x + k >= 6, then
+    psi(y) ~ log y - 1/(2y) - 1/(12y^2) + 1/(120y^4) - 1/(252y^6) + 1/(240y^8) - 1/(132y^10) (truncation error
+    below 1e-10 at y = 6). For tiny x the recurrence's 1/x carries psi(x) ~ -1/x - gamma to fp32 precision."""
+    acc = tl.zeros(x.shape, tl.float32)
+    for _ in tl.static_range(SHIFT):
+        small = x < 6.0
+        acc = tl.where(small, acc + 1.0 / x, acc)
+        x = tl.where(small, x + 1.0, x)
+    r = 1.0 / x
+    r2 = r * r
+    series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240 - r2 * (1.0 / 132)))))
+    return tl.log(x) - 0.5 * r - series - acc
+
+
+@triton.jit
+def lgamma(x):
+    """log Gamma(x) for x > 0 in fp32 (libdevice's lgammaf does not run in the interpreter, so this one is
+    what both paths use): Gamma(x) = Gamma(x + k) / (x (x+1) ... (x+k-1)) up to x + k >= 6, then Stirling's
+    series (y - 1/2) log y - y + log(2 pi)/2 + 1/(12y) - 1/(360y^3) + 1/(1260y^5) - 1/(1680y^7)."""
+    prod = tl.full(x.shape, 1.0, tl.float32)
+    for _ in tl.static_range(SHIFT):
+        small = x < 6.0
+        prod = tl.where(small, prod * x, prod)
+        x = tl.where(small, x + 1.0, x)
+    r = 1.0 / x
+    r2 = r * r
+    series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
+    # (y - 1/2) log y - y = (y - 1/2)(log y - 1) - 1/2: the product is half the size, so is its rounding
+    return (x - 0.5) * (tl.log(x) - 1.0) + (HALF_LOG_2PI - 0.5) + series - tl.log(prod)
+
+
+@triton.jit
+def softplus(z):
+    return tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def sigmoid(z):
+    e = tl.exp(-tl.abs(z))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(z >= 0.0, inv, e * inv)
+
+
+@triton.jit
+def special_fn_kernel(x_ptr, out_ptr, n, FN: tl.constexpr, BLOCK: tl.constexpr):
+    """out = digamma(x) or lgamma(x) (FN): the device functions above on their own, for their accuracy tests."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    if FN == FN_DIGAMMA:
+        y = digamma(x)
+    else:
+        y = lgamma(x)
+    tl.store(out_ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def nb_nll_fwd_kernel(
+    x_ptr, mu_ptr, th_ptr, pi_ptr,
+    loss_ptr, gmu_ptr, gth_ptr, gpi_ptr,
+    n, th_div, th_mod, th_mul, th_mod2, eps, grad_scale, row_len,
+    TH_MODE: tl.constexpr, ZI: tl.constexpr, REDUCE: tl.constexpr, PER_ROW: tl.constexpr,
+    LONG_ROWS: tl.constexpr, GRAD_MU: tl.constexpr, GRAD_TH: tl.constexpr, GRAD_PI: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    mu = tl.load(mu_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    th = load_bcast(th_ptr, offs, mask, th_div, th_mod, th_mul, th_mod2, TH_MODE)
+    log_th = tl.log(th + eps)
+    inv_thmu = 1.0 / (th + mu + eps)
+    log_thmu = tl.log(th + mu + eps)
+    log_mu_term = x * (tl.log(mu + eps) - log_thmu)
+    a = th * (log_th - log_thmu)
+    x_th = x + th
+    log_nb = a + log_mu_term + lgamma(x_th) - lgamma(th) - lgamma(x + 1.0)
+    da_dth = log_th - log_thmu + th / (th + eps) - th * inv_thmu
+    d_mu = x / (mu + eps) - x_th * inv_thmu
+    d_th = da_dth - x * inv_thmu + digamma(x_th) - digamma(th)
+    if ZI:
+        pi = tl.load(pi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sp_neg_pi = softplus(-pi)
+        pt = a - pi
+        zero = x < eps
+        nonzero = x > eps
+        ll = tl.where(zero, softplus(pt) - sp_neg_pi, tl.where(nonzero, log_nb - sp_neg_pi - pi, 0.0))
+        s = sigmoid(pt)
+        sig_neg_pi = sigmoid(-pi)
+        d_pi = tl.where(zero, sig_neg_pi - s, tl.where(nonzero, sig_neg_pi - 1.0, 0.0))
+        d_mu = tl.where(zero, -s * th * inv_thmu, tl.where(nonzero, d_mu, 0.0))
+        d_th = tl.where(zero, s * da_dth, tl.where(nonzero, d_th, 0.0))
+    else:
+        ll = log_nb
+    loss = -ll
+    neg_scale = -grad_scale
+    if REDUCE:
+        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
+    else:
+        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    if GRAD_MU:
+        tl.store(gmu_ptr + offs, (d_mu * neg_scale).to(gmu_ptr.dtype.element_ty), mask=mask)
+    if GRAD_TH:
+        tl.store(gth_ptr + offs, (d_th * neg_scale).to(gth_ptr.dtype.element_ty), mask=mask)
+    if ZI:
+        if GRAD_PI:
+            tl.store(gpi_ptr + offs, (d_pi * neg_scale).to(gpi_ptr.dtype.element_ty), mask=mask)

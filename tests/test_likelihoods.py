@@ -1,0 +1,561 @@
+"""Bernoulli (BCE with logits), Poisson, NB and ZINB: values and gradients against torch's own losses and the
+scvi-tools formulas in float64, per dtype, shape, reduction and broadcast form, on whichever backend this pass
+runs (see conftest.py); torch's OpInfo samples for the two drop-ins; and, in the Triton pass, the fp32
+digamma / lgamma device functions, full output coverage and proof that the kernels (not a fallback) ran."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKEND, DEVICE, DTYPES, TOL
+from fastvae.kernels import bernoulli as bce_k
+from fastvae.kernels import negative_binomial as nb_k
+from fastvae.kernels import poisson as poisson_k
+
+import fastvae
+from fastvae import _triton, reference
+from fastvae.reference.likelihoods import log_nb_positive, log_zinb_positive
+
+REDUCTIONS = ["none", "sum", "mean", "batchmean", "per_sample"]
+triton_only = pytest.mark.skipif(BACKEND != "triton", reason="kernel tests run in the Triton pass")
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return x
+    if reduction == "per_sample":
+        return x.flatten(1).sum(1) if x.dim() > 1 else x
+    if reduction == "batchmean":
+        return x.sum() / x.shape[0]
+    return x.sum() if reduction == "sum" else x.mean()
+
+
+def _pair(t: torch.Tensor, dtype: torch.dtype, grad: bool = True):
+    """A leaf in dtype and its float64 twin holding the same (rounded) values."""
+    low = t.to(DEVICE).to(dtype)
+    return low.clone().requires_grad_(grad), low.double().requires_grad_(grad)
+
+
+def _check(actual, expected, dtype, grads=(), tol=None):
+    rtol, atol = tol or TOL[dtype]
+    assert actual.dtype == dtype
+    expected = expected.detach()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol, atol=atol * scale)
+    for a, e in grads:
+        assert a.grad is not None and a.grad.dtype == a.dtype
+        scale = max(1.0, e.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=rtol, atol=atol * scale)
+
+
+def _backward_both(out, ref):
+    weight = torch.rand_like(ref) + 0.5
+    (out.double() * weight).sum().backward()
+    (ref * weight).sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------ Bernoulli
+
+BCE_FORMS = {  # name -> (weight shape, pos_weight shape) for an input of shape (B, F) or (B, C, F)
+    "plain": (None, None),
+    "weight-full": ("full", None),
+    "weight-feature": ("feature", None),
+    "weight-row": ("row", None),
+    "weight-scalar": ("scalar", None),
+    "pos-weight": (None, "feature"),
+    "both": ("full", "feature"),
+}
+
+
+def _bcast_shape(kind, shape):
+    if kind is None:
+        return None
+    return {"full": shape, "feature": shape[-1:], "row": (shape[0],) + (1,) * (len(shape) - 1),
+            "scalar": (1,)}[kind]
+
+
+# every form on a 2-D input; the ones whose index formula changes with the rank on a 3-D one too
+BCE_CASES = [((33, 5), f) for f in BCE_FORMS] + [((4, 3, 6), f) for f in ("weight-feature", "weight-row", "both")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape, form", BCE_CASES, ids=[f"{len(s)}d-{f}" for s, f in BCE_CASES])
+def test_bce_with_logits_matches_torch(dtype, shape, reduction, form, backend):
+    (x, x64), (t, t64) = _pair(torch.randn(shape) * 3, dtype), _pair(torch.rand(shape), dtype)
+    w_kind, p_kind = BCE_FORMS[form]
+    w = w64 = p = p64 = None
+    if w_kind:
+        w, w64 = _pair(torch.rand(_bcast_shape(w_kind, shape)) + 0.5, dtype, grad=False)
+    if p_kind:
+        p, p64 = _pair(torch.rand(_bcast_shape(p_kind, shape)) * 3 + 0.2, dtype, grad=False)
+    out = fastvae.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=p, backend=backend)
+    ref = _reduce(F.binary_cross_entropy_with_logits(x64, t64, w64, reduction="none", pos_weight=p64), reduction)
+    assert out.shape == ref.shape
+    _backward_both(out, ref)
+    _check(out, ref, dtype, [(x, x64), (t, t64)])
+
+
+def test_bce_extreme_logits(backend, device):
+    x = torch.tensor([-200.0, -30.0, -9.0, -1e-3, 0.0, 1e-3, 9.0, 30.0, 200.0], device=device).requires_grad_()
+    t = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.3, 0.0, 1.0, 0.0, 1.0], device=device)
+    out = fastvae.binary_cross_entropy_with_logits(x, t, reduction="none", backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(x64, t.double(), reduction="none")
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-12)
+    # torch's own fp32 gradient, sigmoid(x) - t, rounds sigmoid(x) before the difference: an ulp of 1
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("size_average, reduce", [(None, False), (True, None), (False, None), (False, True)])
+def test_bce_legacy_reduction_args(size_average, reduce, backend, device):
+    x, t = torch.randn(6, 4, device=device), torch.rand(6, 4, device=device)
+    out = fastvae.binary_cross_entropy_with_logits(x, t, size_average=size_average, reduce=reduce, backend=backend)
+    ref = F.binary_cross_entropy_with_logits(x, t, size_average=size_average, reduce=reduce)
+    torch.testing.assert_close(out, ref)
+
+
+def test_bce_errors(backend, device):
+    x, t = torch.randn(4, 3, device=device), torch.rand(4, 3, device=device)
+    bce = fastvae.binary_cross_entropy_with_logits
+    with pytest.raises(ValueError, match=re.escape("Target size (torch.Size([4])) must be the same as input size")):
+        bce(x, t[:, 0], backend=backend)
+    with pytest.raises(ValueError, match="foo is not a valid value for reduction"):
+        bce(x, t, reduction="foo", backend=backend)
+    with pytest.raises(RuntimeError, match=r"weight.*size of tensor a \(3\) must match the size of tensor b \(5\)"):
+        bce(x, t, weight=torch.rand(5, device=device), backend=backend)
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(5\) must match the size of tensor b \(3\)"):
+        bce(x, t, pos_weight=torch.rand(5, device=device), backend=backend)
+    with pytest.raises(RuntimeError, match=re.escape("doesn't match the broadcast shape [2, 4, 3]")):
+        bce(x, t, weight=torch.rand(2, 4, 3, device=device), reduction="none", backend=backend)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        bce(x, t, weight=torch.rand(3, device=device, requires_grad=True), backend=backend)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        bce(x, [0.0, 1.0], backend=backend)
+    with pytest.raises(TypeError, match="pos_weight must have a floating-point dtype"):
+        bce(x, t, pos_weight=torch.ones(3, dtype=torch.int64, device=device), backend=backend)
+
+
+def _leaves(sample):
+    return [a.detach().clone().requires_grad_() for a in (sample.input, *sample.args)]
+
+
+def _kw(sample):
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in sample.kwargs.items()}
+
+
+def _opinfo():
+    """torch's OpInfo module; it imports expecttest, which not every environment has (skip, not fail)."""
+    pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest")
+    from torch.testing._internal import common_methods_invocations
+
+    return common_methods_invocations
+
+
+@pytest.mark.parametrize("op", ["bce", "poisson"])
+def test_torch_opinfo_samples(op, backend, device):
+    dtype = torch.float32
+    ops = _opinfo()
+    if op == "bce":
+        gen, theirs_fn = ops.sample_inputs_binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+        ours_fn = fastvae.binary_cross_entropy_with_logits
+    else:
+        gen, theirs_fn, ours_fn = ops.sample_inputs_poisson_nll_loss, F.poisson_nll_loss, fastvae.poisson_nll_loss
+    # drawn without grad (the Poisson samples take abs_() in place) and made leaves that want one
+    samples = list(gen(None, device, dtype, requires_grad=False))
+    assert len(samples) > 20
+    for sample in samples:
+        ours, theirs = _leaves(sample), _leaves(sample)
+        out = ours_fn(*ours, **_kw(sample), backend=backend)
+        ref = theirs_fn(*theirs, **_kw(sample))
+        assert out.shape == ref.shape and out.dtype == ref.dtype, sample
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        weight = torch.rand_like(ref) + 0.5
+        (out * weight).sum().backward()
+        (ref * weight).sum().backward()
+        for a, b in zip(ours, theirs):
+            if b.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_opinfo_poisson_errors(backend, device):
+    errors = list(_opinfo().error_inputs_poisson_nll_loss(None, device))
+    assert errors
+    for err in errors:
+        s = err.sample_input
+        with pytest.raises(err.error_type, match=err.error_regex):
+            fastvae.poisson_nll_loss(s.input, *s.args, **s.kwargs, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------- Poisson
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("log_input", [True, False])
+@pytest.mark.parametrize("full", [False, True])
+def test_poisson_matches_torch(dtype, reduction, log_input, full, backend):
+    shape = (24, 7)
+    x_raw = torch.randn(shape) * 0.7 if log_input else torch.rand(shape) * 4 + 0.1
+    (x, x64), (t, t64) = _pair(x_raw, dtype), _pair(torch.rand(shape) * 6 + 0.05, dtype)
+    out = fastvae.poisson_nll_loss(x, t, log_input=log_input, full=full, reduction=reduction, backend=backend)
+    ref = _reduce(F.poisson_nll_loss(x64, t64, log_input=log_input, full=full, reduction="none"), reduction)
+    _backward_both(out, ref)
+    _check(out, ref, dtype, [(x, x64), (t, t64)])
+
+
+def test_poisson_broadcast_and_errors(backend, device):
+    x, t = torch.randn(4, 3, device=device), torch.rand(3, device=device) * 3
+    torch.testing.assert_close(
+        fastvae.poisson_nll_loss(x, t, reduction="none", backend=backend), F.poisson_nll_loss(x, t, reduction="none")
+    )
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(3\) must match the size of tensor b \(4\)"):
+        fastvae.poisson_nll_loss(x, torch.rand(3, 3, device=device), backend=backend)
+    with pytest.raises(ValueError, match="abc is not a valid value for reduction"):
+        fastvae.poisson_nll_loss(x, x, reduction="abc", backend=backend)
+    out = fastvae.poisson_nll_loss(x, x.abs(), size_average=False, backend=backend)
+    torch.testing.assert_close(out, F.poisson_nll_loss(x, x.abs(), size_average=False))
+
+
+# ----------------------------------------------------------------------------------------------- NB / ZINB
+
+THETA_FORMS = ["full", "feature", "scalar"]
+# fp32 against float64: lgamma(x + th) - lgamma(th) - lgamma(x + 1) cancels terms several times the result
+NB_TOL = {**TOL, torch.float32: (3e-5, 3e-6)}
+
+
+def _counts(shape):
+    """Overdispersed counts with zeros: NB-like draws from a gamma-Poisson mixture."""
+    rate = torch.distributions.Gamma(0.7, 0.3).sample(shape)
+    return torch.poisson(rate)
+
+
+def _nb_inputs(shape, dtype, theta_form, zi):
+    x = _counts(shape).to(DEVICE).to(dtype)
+    x64 = x.double()
+    mu = _pair(torch.rand(shape) * 8 + 0.05, dtype)
+    th_shape = {"full": shape, "feature": shape[-1:], "scalar": ()}[theta_form]
+    th = _pair(torch.rand(th_shape) * 4 + 0.2, dtype)
+    pi = _pair(torch.randn(shape) * 1.5, dtype) if zi else (None, None)
+    return (x, x64), mu, th, pi
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("theta_form", THETA_FORMS)
+@pytest.mark.parametrize("zi", [False, True], ids=["nb", "zinb"])
+def test_nb_zinb_match_scvi_formulas(dtype, reduction, theta_form, zi, backend):
+    shape = (40, 9)
+    (x, x64), (mu, mu64), (th, th64), (pi, pi64) = _nb_inputs(shape, dtype, theta_form, zi)
+    assert (x == 0).any() and (x > 0).any()
+    if zi:
+        out = fastvae.zinb_nll(x, mu, th, pi, reduction=reduction, backend=backend)
+        ref = _reduce(-log_zinb_positive(x64, mu64, th64, pi64), reduction)
+        grads = [(mu, mu64), (th, th64), (pi, pi64)]
+    else:
+        out = fastvae.negative_binomial_nll(x, mu, th, reduction=reduction, backend=backend)
+        ref = _reduce(-log_nb_positive(x64, mu64, th64), reduction)
+        grads = [(mu, mu64), (th, th64)]
+    assert out.shape == ref.shape
+    _backward_both(out, ref)
+    _check(out, ref, dtype, grads, tol=NB_TOL[dtype])
+
+
+def test_nb_formula_is_the_negative_binomial_log_pmf():
+    # the scvi parameterization against torch.distributions: total_count = theta, p = mu / (mu + theta)
+    x = _counts((50, 6)).double()
+    mu, th = torch.rand(50, 6, dtype=torch.float64) * 5 + 0.1, torch.rand(6, dtype=torch.float64) * 3 + 0.3
+    ref = torch.distributions.NegativeBinomial(total_count=th, logits=torch.log(mu) - torch.log(th)).log_prob(x)
+    torch.testing.assert_close(log_nb_positive(x, mu, th, eps=0.0), ref, rtol=1e-10, atol=1e-10)
+    pi = torch.randn(50, 6, dtype=torch.float64)
+    p_drop = torch.sigmoid(pi)
+    zinb = torch.where(x == 0, torch.log(p_drop + (1 - p_drop) * ref.exp()), torch.log1p(-p_drop) + ref)
+    # eps > 0: at eps = 0 neither of scvi's cases (x < eps, x > eps) holds at x = 0
+    torch.testing.assert_close(log_zinb_positive(x, mu, th, pi, eps=1e-12), zinb, rtol=1e-9, atol=1e-9)
+
+
+def test_nb_theta_gradient_needs_digamma(backend, device):
+    # large counts and small theta: the digamma difference dominates the theta gradient
+    x = torch.tensor([[0.0, 1.0, 30.0, 500.0]], device=device)
+    mu = torch.tensor([[0.5, 2.0, 25.0, 400.0]], device=device, requires_grad=True)
+    th = torch.tensor([0.05, 0.3, 2.0, 40.0], device=device, requires_grad=True)
+    fastvae.negative_binomial_nll(x, mu, th, backend=backend).backward()
+    th64 = th.detach().double().requires_grad_()
+    (-log_nb_positive(x.double(), mu.detach().double(), th64)).sum().backward()
+    torch.testing.assert_close(th.grad.double(), th64.grad, rtol=2e-5, atol=1e-5)
+
+
+def test_nb_errors(backend, device):
+    x, mu = torch.ones(4, 3, device=device), torch.rand(4, 3, device=device) + 0.1
+    th = torch.rand(3, device=device) + 0.1
+    with pytest.raises(ValueError, match=r"mu must have the shape of x"):
+        fastvae.negative_binomial_nll(x, mu[:, :2], th, backend=backend)
+    with pytest.raises(ValueError, match=r"theta of shape \(5,\) does not broadcast to mu"):
+        fastvae.negative_binomial_nll(x, mu, torch.rand(5, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"pi_logits must have the shape of x"):
+        fastvae.zinb_nll(x, mu, th, torch.randn(4, 1, device=device), backend=backend)
+    with pytest.raises(ValueError, match="eps must be a number"):
+        fastvae.negative_binomial_nll(x, mu, th, eps=-1.0, backend=backend)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastvae.zinb_nll(x, mu, th, mu, reduction="avg", backend=backend)
+    with pytest.raises(TypeError, match="theta must be a torch.Tensor"):
+        fastvae.negative_binomial_nll(x, mu, 1.0, backend=backend)
+
+
+def test_nb_gradient_of_data_takes_the_eager_path(backend, device):
+    x = _counts((5, 4)).to(device).requires_grad_()
+    mu, th = torch.rand(5, 4, device=device) + 0.1, torch.rand(4, device=device) + 0.1
+    fastvae.negative_binomial_nll(x, mu, th, backend=backend).backward()
+    x64 = x.detach().double().requires_grad_()
+    (-log_nb_positive(x64, mu.double(), th.double())).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- Triton pass only
+
+
+@triton_only
+@pytest.mark.parametrize("fn", ["digamma", "lgamma"])
+def test_special_functions_fp32_accuracy(fn):
+    x64 = torch.logspace(-6, 6, 3001, dtype=torch.float64, device=DEVICE)
+    x = x64.float()
+    out = torch.empty_like(x)
+    nb_k.special_fn_kernel[(triton_cdiv(x.numel(), 1024),)](
+        x, out, x.numel(), FN=0 if fn == "digamma" else 1, BLOCK=1024
+    )
+    exact = (torch.digamma if fn == "digamma" else torch.lgamma)(x.double())
+    err = (out.double() - exact).abs()
+    # relative where |f| >= 1, absolute near the roots (psi(1.4616) = 0, lgamma(1) = lgamma(2) = 0)
+    mixed = (err / exact.abs().clamp(min=1.0)).max().item()
+    assert mixed < (1e-6 if fn == "digamma" else 2e-6), mixed
+    if fn == "digamma":  # as accurate as torch's own fp32 digamma, to a few ulps
+        torch_fp32 = (torch.digamma(x).double() - exact).abs()
+        assert mixed < 4 * max((torch_fp32 / exact.abs().clamp(min=1.0)).max().item(), 3e-7)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels write starts as NaN: an unwritten element shows up."""
+
+    def alloc(like, shape, dtype=None):
+        dtype = dtype if dtype is not None else like.dtype
+        return torch.full(shape, math.nan if dtype.is_floating_point else -1, dtype=dtype, device=like.device)
+
+    monkeypatch.setattr(_triton.common, "alloc", alloc)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the launches of each loss kernel; a test asserts the kernel ran rather than a fallback."""
+    counts = {}
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self.name] = counts.get(self.name, 0) + 1
+            return self.kernel[grid]
+
+    for mod, name in ((bce_k, "bce_logits_fwd_kernel"), (poisson_k, "poisson_nll_fwd_kernel"),
+                      (nb_k, "nb_nll_fwd_kernel")):
+        monkeypatch.setattr(mod, name, Counted(name, getattr(mod, name)))
+    return counts
+
+
+def _odd_case(op, n_rows, n_cols, form):
+    """(fn(leaves...), leaves, float64 oracle fn) for one op at an odd size."""
+    shape = (n_rows, n_cols)
+    if op == "bce":
+        x, t = torch.randn(shape) * 3, torch.rand(shape)
+        w = torch.rand(n_cols) + 0.5 if form == "feature" else None
+        p = torch.rand(n_cols) * 2 + 0.2 if form == "feature" else None
+
+        def fn(a, b, red, w=w, p=p):
+            w_, p_ = (None if v is None else v.to(a.device, a.dtype) for v in (w, p))
+            return F.binary_cross_entropy_with_logits(a, b, w_, reduction="none", pos_weight=p_) if red is None \
+                else fastvae.binary_cross_entropy_with_logits(a, b, w_, reduction=red, pos_weight=p_,
+                                                              backend="triton")
+        return fn, [x, t]
+    if op == "poisson":
+        x, t = torch.rand(shape) * 3 + 0.1, torch.rand(shape) * 5
+
+        def fn(a, b, red):
+            return F.poisson_nll_loss(a, b, log_input=False, full=True, reduction="none") if red is None \
+                else fastvae.poisson_nll_loss(a, b, log_input=False, full=True, reduction=red, backend="triton")
+        return fn, [x, t]
+    x = _counts(shape)
+    mu, pi = torch.rand(shape) * 5 + 0.1, torch.randn(shape)
+    th = torch.rand(n_cols if form == "feature" else shape) + 0.3
+
+    def fn(m, th_, p, red):
+        x_ = x.to(m.device, m.dtype)
+        return -log_zinb_positive(x_, m, th_, p) if red is None \
+            else fastvae.zinb_nll(x_, m, th_, p, reduction=red, backend="triton")
+    return fn, [mu, th, pi]
+
+
+@triton_only
+@pytest.mark.parametrize("op", ["bce", "poisson", "zinb"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (3, 1001)])
+@pytest.mark.parametrize("reduction", ["none", "sum", "per_sample"])
+def test_writes_every_element_and_takes_the_kernel(poisoned, launches, op, size, reduction):
+    fn, raw = _odd_case(op, *size, "feature" if size[1] > 1 else "full")
+    leaves = [t.to(DEVICE).requires_grad_() for t in raw]
+    twins = [t.detach().double().requires_grad_() for t in leaves]
+    out = fn(*leaves, reduction)
+    ref = _reduce(fn(*twins, None), reduction)
+    _backward_both(out, ref)
+    assert sum(launches.values()) == 1, launches
+    assert torch.isfinite(out).all(), "a loss element was never written"
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=1e-5)
+    for a, b in zip(leaves, twins):
+        assert torch.isfinite(a.grad).all(), "a gradient element was never written"
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-5, atol=1e-5)
+
+
+@triton_only
+def test_common_forms_take_the_kernel(launches):
+    x, t = torch.randn(16, 3, 8, device=DEVICE), torch.rand(16, 3, 8, device=DEVICE)
+    for w in (None, torch.rand(8, device=DEVICE), torch.rand(3, 1, device=DEVICE), torch.rand(16, 1, 1, device=DEVICE),
+              torch.rand(1, device=DEVICE), torch.rand(16, 3, 8, device=DEVICE)):
+        fastvae.binary_cross_entropy_with_logits(x, t, w, pos_weight=torch.rand(8, device=DEVICE), backend="triton")
+    cnt = torch.poisson(torch.rand(16, 24, device=DEVICE) * 3)
+    mu = torch.rand(16, 24, device=DEVICE) + 0.1
+    for th in (torch.rand(24, device=DEVICE), torch.rand(1, 24, device=DEVICE), torch.rand(16, 24, device=DEVICE),
+               torch.rand((), device=DEVICE)):
+        fastvae.negative_binomial_nll(cnt, mu.requires_grad_(), th.requires_grad_(), backend="triton")
+        fastvae.zinb_nll(cnt, mu, th, torch.randn(16, 24, device=DEVICE), backend="triton")
+    fastvae.poisson_nll_loss(x, t, backend="triton")
+    assert launches == {"bce_logits_fwd_kernel": 6, "nb_nll_fwd_kernel": 8, "poisson_nll_fwd_kernel": 1}
+
+
+@triton_only
+def test_backward_scales_in_place_and_refuses_a_second_backward():
+    x = torch.randn(32, 8, device=DEVICE, requires_grad=True)
+    t = torch.rand(32, 8, device=DEVICE)
+    loss = fastvae.binary_cross_entropy_with_logits(x, t, backend="triton")
+    (2.5 * loss).backward(retain_graph=True)
+    x64 = x.detach().double().requires_grad_()
+    (2.5 * F.binary_cross_entropy_with_logits(x64, t.double())).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@triton_only
+def test_reductions_are_deterministic():
+    cnt = _counts((64, 300)).to(DEVICE)
+    mu, th, pi = torch.rand(64, 300, device=DEVICE) + 0.1, torch.rand(300, device=DEVICE) + 0.2, \
+        torch.randn(64, 300, device=DEVICE)
+    a = [fastvae.zinb_nll(cnt, mu, th, pi, backend="triton") for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    ref = reference.zinb_nll(cnt.double(), mu.double(), th.double(), pi.double(), 1e-8, "sum")
+    assert abs(a[0].double() - ref) <= 1e-6 * ref.abs()
+
+
+# ------------------------------------------------------------------------------------------------ nn modules
+
+
+def test_modules_match_torch_modules(backend, device):
+    x, t = torch.randn(12, 5, device=device), torch.rand(12, 5, device=device)
+    w, p = torch.rand(5, device=device) + 0.5, torch.rand(5, device=device) + 0.5
+    ours = fastvae.nn.BCEWithLogitsLoss(weight=w, pos_weight=p, reduction="sum", backend=backend)
+    torch.testing.assert_close(ours(x, t), torch.nn.BCEWithLogitsLoss(weight=w, pos_weight=p, reduction="sum")(x, t))
+    assert set(ours.state_dict()) == {"weight", "pos_weight"}
+    ours = fastvae.nn.PoissonNLLLoss(full=True, backend=backend)
+    torch.testing.assert_close(ours(x, t * 4), torch.nn.PoissonNLLLoss(full=True)(x, t * 4))
+    cnt, mu = _counts((12, 5)).to(device), torch.rand(12, 5, device=device) + 0.1
+    th, pi = torch.rand(5, device=device) + 0.2, torch.randn(12, 5, device=device)
+    torch.testing.assert_close(fastvae.nn.NegativeBinomialNLLLoss(backend=backend)(cnt, mu, th),
+                               fastvae.negative_binomial_nll(cnt, mu, th, backend="torch"), rtol=3e-5, atol=1e-5)
+    torch.testing.assert_close(fastvae.nn.ZINBNLLLoss(reduction="batchmean", backend=backend)(cnt, mu, th, pi),
+                               fastvae.zinb_nll(cnt, mu, th, pi, reduction="batchmean", backend="torch"),
+                               rtol=3e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "poisson", "nb", "zinb"])
+def test_elbo_likelihoods(likelihood, backend, device):
+    b, d, z = 16, 10, 3
+    mu, lv = torch.randn(b, z, device=device), torch.randn(b, z, device=device) * 0.3
+    x_hat = torch.randn(b, d, device=device).requires_grad_()
+    th, pi = (torch.rand(d, device=device) + 0.3).requires_grad_(), torch.randn(b, d, device=device)
+    if likelihood == "bernoulli":
+        x = torch.rand(b, d, device=device)
+        expect = F.binary_cross_entropy_with_logits(x_hat.double(), x.double(), reduction="sum") / b
+    elif likelihood == "poisson":
+        x = _counts((b, d)).to(device)
+        expect = F.poisson_nll_loss(x_hat.double(), x.double(), reduction="sum") / b
+    else:
+        x = _counts((b, d)).to(device)
+        args = (x.double(), x_hat.double().exp(), th.double())
+        expect = -(log_nb_positive(*args) if likelihood == "nb" else log_zinb_positive(*args, pi.double())).sum() / b
+    loss_fn = fastvae.nn.ELBOLoss(likelihood=likelihood, backend=backend)
+    mean = x_hat.exp() if likelihood in ("nb", "zinb") else x_hat  # NB/ZINB take the mean itself
+    out = loss_fn(mean, x, mu, lv, theta=th, pi_logits=pi)
+    kl = reference.gaussian_kl(mu.double(), lv.double(), reduction="batchmean")
+    torch.testing.assert_close(out.recon.double(), expect, rtol=3e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss.double(), expect + kl, rtol=3e-5, atol=1e-5)
+    out.loss.backward()
+    assert torch.isfinite(x_hat.grad).all() and (x_hat.grad != 0).any()
+    if likelihood in ("nb", "zinb"):
+        with pytest.raises(ValueError, match="needs theta"):
+            loss_fn(mean, x, mu, lv)
+
+
+@triton_only
+def test_compile_fullgraph():
+    cnt = _counts((8, 12)).to(DEVICE)
+    mu = (torch.rand(8, 12, device=DEVICE) + 0.1).requires_grad_()
+    th = (torch.rand(12, device=DEVICE) + 0.3).requires_grad_()
+    pi, logits = torch.randn(8, 12, device=DEVICE).requires_grad_(), torch.randn(8, 12, device=DEVICE).requires_grad_()
+
+    def step(mu, th, pi, logits):
+        return (fastvae.zinb_nll(cnt, mu, th, pi, reduction="batchmean", backend="triton")
+                + fastvae.binary_cross_entropy_with_logits(logits, cnt.clamp(max=1), backend="triton")
+                + fastvae.poisson_nll_loss(logits, cnt, reduction="sum", backend="triton"))
+
+    # the interpreter cannot run under inductor on CPU; aot_eager still traces one graph with the custom ops
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (mu, th, pi, logits)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_trainer_bernoulli(objective, tmp_path, backend):
+    """--likelihood bernoulli on the digits (in [0, 1]): a logit decoder, the fused BCE as the ELBO's and the
+    IWAE bound's reconstruction term, and on the Triton pass the kernels run."""
+    for mod in ("sklearn", "matplotlib", "tqdm"):
+        pytest.importorskip(mod)
+    import json
+
+    from _launches import count_launches
+
+    from fastvae import train
+
+    argv = ["--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--latent-dim", "4", "--likelihood",
+            "bernoulli", "--objective", objective, "--num-samples", "3", "--device", torch.device(DEVICE).type,
+            "--out", str(tmp_path), "--backend", backend]
+    with count_launches() as counts:
+        assert train.main(argv) == 0
+    if BACKEND == "triton":
+        assert counts["bce_logits_fwd_kernel"] > 0 and counts["sample_kl_fwd_kernel"] > 0
+    (line,) = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # a Bernoulli log-likelihood of 64 pixels is negative: the ELBO is below 0 and finite
+    assert -64 * math.log(2) * 2 < line["test_elbo"] < 0
