@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pytest -q tests
 TRITON_INTERPRET=1 FASTVAE_TEST_BACKEND=triton python -m pytest -q -m "not torch_only" \
-    tests/test_functional.py tests/test_nn.py tests/test_torch_parity.py tests/test_triton.py tests/test_amp.py tests/test_iwae.py
+    tests/test_functional.py tests/test_nn.py tests/test_torch_parity.py tests/test_triton.py \
+    tests/test_amp.py tests/test_iwae.py tests/test_likelihoods.py
 python -m pytest -q bench --benchmark-disable

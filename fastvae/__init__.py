@@ -9,14 +9,18 @@
 from . import nn
 from .functional import (
     ShapeError,
+    binary_cross_entropy_with_logits,
     estimate_log_likelihood,
     gaussian_kl,
     gaussian_nll_loss,
     gaussian_nll_loss_logvar,
     iwae_bound,
+    negative_binomial_nll,
+    poisson_nll_loss,
     reparameterize,
     reparameterize_kl,
     sample_log_weights,
+    zinb_nll,
 )
 
 __version__ = "0.1.0"
@@ -30,4 +34,5 @@ __all__ = [
     "reparameterize",
     "reparameterize_kl",
 ]
+__all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
 __all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]

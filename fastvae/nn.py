@@ -10,7 +10,19 @@ from torch import Tensor
 from . import functional as F
 from ._checks import check_reduction
 
-__all__ = ["GaussianNLLLoss", "GaussianKL", "Reparameterize", "ELBOLoss", "ELBOOutput"]
+__all__ = [
+    "GaussianNLLLoss",
+    "GaussianKL",
+    "Reparameterize",
+    "ELBOLoss",
+    "ELBOOutput",
+    "BCEWithLogitsLoss",
+    "PoissonNLLLoss",
+    "NegativeBinomialNLLLoss",
+    "ZINBNLLLoss",
+]
+
+LIKELIHOODS = ("gaussian", "gaussian-learned-var", "bernoulli", "poisson", "nb", "zinb")
 
 
 class GaussianNLLLoss(torch.nn.Module):
@@ -22,6 +34,62 @@ class GaussianNLLLoss(torch.nn.Module):
 
     def forward(self, input: Tensor, target: Tensor, var: Tensor | float) -> Tensor:
         return F.gaussian_nll_loss(input, target, var, self.full, self.eps, self.reduction, backend=self.backend)
+
+
+class BCEWithLogitsLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.BCEWithLogitsLoss``: ``forward(input, target)``; weight and pos_weight are
+    buffers (they move with the module and are saved in its state_dict), as in torch."""
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight: Tensor | None = None, *, backend=None):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction, self.backend = check_reduction(reduction), backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, reduction=self.reduction,
+                                                  pos_weight=self.pos_weight, backend=self.backend)
+
+
+class PoissonNLLLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.PoissonNLLLoss``: ``forward(log_input, target)``."""
+
+    def __init__(self, log_input: bool = True, full: bool = False, size_average=None, eps: float = 1e-8,
+                 reduce=None, reduction: str = "mean", *, backend=None):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        self.log_input, self.full, self.eps = log_input, full, eps
+        self.reduction, self.backend = check_reduction(reduction), backend
+
+    def forward(self, log_input: Tensor, target: Tensor) -> Tensor:
+        return F.poisson_nll_loss(log_input, target, log_input=self.log_input, full=self.full, eps=self.eps,
+                                  reduction=self.reduction, backend=self.backend)
+
+
+class NegativeBinomialNLLLoss(torch.nn.Module):
+    """-log NB(x; mu, theta) (scvi-tools' log_nb_positive): ``forward(x, mu, theta)``."""
+
+    def __init__(self, eps: float = 1e-8, reduction: str = "sum", *, backend=None):
+        super().__init__()
+        self.eps, self.reduction, self.backend = eps, check_reduction(reduction), backend
+
+    def forward(self, x: Tensor, mu: Tensor, theta: Tensor) -> Tensor:
+        return F.negative_binomial_nll(x, mu, theta, self.eps, self.reduction, backend=self.backend)
+
+
+class ZINBNLLLoss(torch.nn.Module):
+    """-log ZINB(x; mu, theta, pi_logits) (scvi-tools' log_zinb_positive): ``forward(x, mu, theta, pi_logits)``."""
+
+    def __init__(self, eps: float = 1e-8, reduction: str = "sum", *, backend=None):
+        super().__init__()
+        self.eps, self.reduction, self.backend = eps, check_reduction(reduction), backend
+
+    def forward(self, x: Tensor, mu: Tensor, theta: Tensor, pi_logits: Tensor) -> Tensor:
+        return F.zinb_nll(x, mu, theta, pi_logits, self.eps, self.reduction, backend=self.backend)
 
 
 class GaussianKL(torch.nn.Module):
@@ -59,6 +127,10 @@ class ELBOLoss(torch.nn.Module):
 
     ``likelihood="gaussian"``: N(x_hat, ``var``) with a fixed variance (float or tensor, torch's var forms).
     ``likelihood="gaussian-learned-var"``: N(x_hat, exp(logvar_x)), logvar_x passed to forward.
+    ``likelihood="bernoulli"``: x_hat are logits, x in [0, 1] (binary cross-entropy with logits).
+    ``likelihood="poisson"``: x_hat is the log-rate of counts x (``full`` adds Stirling's log x!).
+    ``likelihood="nb"``: x_hat is the NB mean of counts x, ``theta`` (inverse dispersion, e.g. one per
+    feature) passed to forward. ``likelihood="zinb"``: also ``pi_logits``, the dropout logits.
     ``free_bits=lambda``: each latent dim's batch-mean KL counts as at least lambda nats (Kingma et al. 2016),
     so the encoder is not pushed to collapse unused dims. ``beta_schedule(step) -> beta`` is called with the
     count of ``step()`` calls (e.g. a KL warm-up); without it ``beta`` is constant. The step count is part of
@@ -83,8 +155,8 @@ class ELBOLoss(torch.nn.Module):
         backend=None,
     ):
         super().__init__()
-        if likelihood not in ("gaussian", "gaussian-learned-var"):
-            raise ValueError(f"likelihood must be 'gaussian' or 'gaussian-learned-var', got {likelihood!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
         if free_bits < 0:
             raise ValueError(f"free_bits must be >= 0, got {free_bits}")
         self.likelihood, self.var, self.full = likelihood, var, full
@@ -114,15 +186,11 @@ class ELBOLoss(torch.nn.Module):
         logvar: Tensor,
         logvar_x: Tensor | None = None,
         kl: Tensor | None = None,
+        *,
+        theta: Tensor | None = None,
+        pi_logits: Tensor | None = None,
     ) -> ELBOOutput:
-        if self.likelihood == "gaussian":
-            recon = F.gaussian_nll_loss(x_hat, x, self.var, self.full, reduction=self.reduction,
-                                        backend=self.backend)
-        else:
-            if logvar_x is None:
-                raise ValueError("likelihood='gaussian-learned-var' needs logvar_x")
-            recon = F.gaussian_nll_loss_logvar(x_hat, x, logvar_x, self.full, reduction=self.reduction,
-                                               backend=self.backend)
+        recon = self.recon(x_hat, x, logvar_x, theta, pi_logits)
         if self.free_bits > 0:
             per_dim = F.gaussian_kl(mu, logvar, reduction="none", backend=self.backend).flatten(1)
             batch = mu.shape[0]
@@ -139,3 +207,26 @@ class ELBOLoss(torch.nn.Module):
             kl_term = kl
         beta = self.current_beta()
         return ELBOOutput(recon + beta * kl_term, recon, kl, beta)
+
+    def recon(self, x_hat: Tensor, x: Tensor, logvar_x: Tensor | None = None, theta: Tensor | None = None,
+              pi_logits: Tensor | None = None, *, reduction: str | None = None) -> Tensor:
+        """-log p(x|z) of this module's likelihood, reduced by ``reduction`` (default: the module's); with
+        ``reduction="per_sample"`` one value per row of x_hat, as the IWAE bound takes them."""
+        lik, red, backend = self.likelihood, reduction or self.reduction, self.backend
+        if lik == "gaussian":
+            return F.gaussian_nll_loss(x_hat, x, self.var, self.full, reduction=red, backend=backend)
+        if lik == "gaussian-learned-var":
+            if logvar_x is None:
+                raise ValueError("likelihood='gaussian-learned-var' needs logvar_x")
+            return F.gaussian_nll_loss_logvar(x_hat, x, logvar_x, self.full, reduction=red, backend=backend)
+        if lik == "bernoulli":
+            return F.binary_cross_entropy_with_logits(x_hat, x, reduction=red, backend=backend)
+        if lik == "poisson":
+            return F.poisson_nll_loss(x_hat, x, log_input=True, full=self.full, reduction=red, backend=backend)
+        if theta is None:
+            raise ValueError(f"likelihood={lik!r} needs theta")
+        if lik == "nb":
+            return F.negative_binomial_nll(x, x_hat, theta, reduction=red, backend=backend)
+        if pi_logits is None:
+            raise ValueError("likelihood='zinb' needs pi_logits")
+        return F.zinb_nll(x, x_hat, theta, pi_logits, reduction=red, backend=backend)

@@ -85,7 +85,7 @@ def test_beta_schedule_follows_steps(backend, device):
 
 def test_elbo_bad_arguments():
     with pytest.raises(ValueError, match="likelihood must be"):
-        fnn.ELBOLoss(likelihood="bernoulli")
+        fnn.ELBOLoss(likelihood="laplace")
     with pytest.raises(ValueError, match="free_bits must be >= 0"):
         fnn.ELBOLoss(free_bits=-1)
     with pytest.raises(ValueError, match="mean is not valid"):

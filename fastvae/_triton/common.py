@@ -54,8 +54,8 @@ class Reduction(NamedTuple):
         if reduction == "per_sample":
             rows = shape[0]
             row_len = n // rows if rows else 0
-            if row_len == 1:  # one element a row is the elementwise loss
-                return Reduction("none", n, n, 1, 1.0, tuple(shape))
+            if row_len == 1:  # one element a row is the elementwise loss, shaped (B,) as reference.reduce
+                return Reduction("none", n, n, 1, 1.0, (rows,))
             return Reduction("per_sample", n, rows, row_len, 1.0, (rows,))
         if reduction == "none":
             return Reduction("none", n, n, 1, 1.0, tuple(shape))

@@ -17,6 +17,7 @@ from .gaussian import (
     reparameterize_kl,
 )
 from .iwae import estimate_log_likelihood, iwae_bound, sample_log_weights
+from .likelihoods import binary_cross_entropy_with_logits, negative_binomial_nll, poisson_nll_loss, zinb_nll
 
 __all__ = [
     "ShapeError",
@@ -26,4 +27,5 @@ __all__ = [
     "reparameterize",
     "reparameterize_kl",
 ]
+__all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
 __all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]

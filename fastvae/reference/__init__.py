@@ -13,6 +13,7 @@ from .gaussian import (
     reparameterize,
 )
 from .iwae import iwae_bound, sample_log_weights
+from .likelihoods import bce_with_logits, negative_binomial_nll, poisson_nll, zinb_nll
 
 __all__ = [
     "HALF_LOG_2PI",
@@ -26,4 +27,5 @@ __all__ = [
     "reduction_scale",
     "reparameterize",
 ]
+__all__ += ["bce_with_logits", "negative_binomial_nll", "poisson_nll", "zinb_nll"]
 __all__ += ["iwae_bound", "sample_log_weights"]
