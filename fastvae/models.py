@@ -2,7 +2,8 @@
 
 Both take images ``(B, C, H, W)`` with values in [0, 1]. The encoder gives q(z|x) = N(mu, diag(exp(logvar))),
 ``fastvae.reparameterize_kl`` draws z and the KL against N(0, I) in one pass, and the decoder gives the mean
-of p(x|z) = N(x_hat, var) (sigmoid, so in [0, 1]). With ``learned_var=True`` the decoder also learns one
+of p(x|z) = N(x_hat, var) (sigmoid, so in [0, 1]), or with ``logits=True`` the logits of a Bernoulli p(x|z)
+(``mean()`` maps them to probabilities). With ``learned_var=True`` the decoder also learns one
 log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaussian-learned-var")``.
 
     model = ConvVAE(in_channels=1, image_size=28, latent_dim=16)
@@ -43,9 +44,11 @@ class VAE(nn.Module):
     encoder: nn.Module  # x -> (B, 2 * latent_dim): mu and logvar side by side
     decoder: nn.Module  # z -> x_hat before the sigmoid
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool, backend=None):
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool, backend=None,
+                 logits: bool = False):
         super().__init__()
         self.image_shape, self.latent_dim, self.backend = tuple(image_shape), latent_dim, backend
+        self.logits = logits  # the decoder gives Bernoulli logits (no sigmoid) instead of a Gaussian mean
         self.logvar_x = nn.Parameter(torch.full(self.image_shape, LOGVAR_X_INIT)) if learned_var else None
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,7 +56,8 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        x_hat = torch.sigmoid(self.decoder(z))
+        out = self.decoder(z)
+        x_hat = out if self.logits else torch.sigmoid(out)
         if self.logvar_x is None:
             return x_hat, None
         # a soft floor at LOGVAR_X_MIN that keeps a gradient everywhere
@@ -75,20 +79,24 @@ class VAE(nn.Module):
         x_hat, logvar_x = self.decode(z.flatten(0, 1))
         return VAEOutput(x_hat.unflatten(0, z.shape[:2]), logvar_x, mu, logvar, None, log_ratio)
 
+    def mean(self, x_hat: Tensor) -> Tensor:
+        """The mean of p(x|z) from the decoder's output: the Bernoulli probabilities for logits."""
+        return torch.sigmoid(x_hat) if self.logits else x_hat
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Decoder means for z ~ N(0, I)."""
         p = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=p.device, generator=generator)
-        return self.decode(z)[0]
+        return self.mean(self.decode(z)[0])
 
 
 class MLPVAE(VAE):
     """Fully connected encoder and decoder on the flattened image."""
 
     def __init__(self, image_shape=(1, 28, 28), latent_dim: int = 16, hidden: tuple[int, ...] = (512, 256),
-                 learned_var: bool = False, backend=None):
-        super().__init__(image_shape, latent_dim, learned_var, backend)
+                 learned_var: bool = False, backend=None, logits: bool = False):
+        super().__init__(image_shape, latent_dim, learned_var, backend, logits)
         features = image_shape[0] * image_shape[1] * image_shape[2]
         enc: list[nn.Module] = [nn.Flatten()]
         for d_in, d_out in zip((features, *hidden), hidden):
@@ -106,9 +114,9 @@ class ConvVAE(VAE):
     8 x 8 digits take one conv, 28 x 28 MNIST three (28 -> 14 -> 7 -> 3), 64 x 64 images four."""
 
     def __init__(self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, latent_dim: int = 16,
-                 width: int = 32, learned_var: bool = False, backend=None):
+                 width: int = 32, learned_var: bool = False, backend=None, logits: bool = False):
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        super().__init__((in_channels, h, w), latent_dim, learned_var, backend)
+        super().__init__((in_channels, h, w), latent_dim, learned_var, backend, logits)
         if min(h, w) < 8:
             raise ValueError(f"ConvVAE needs images of at least 8 x 8 pixels, got {h} x {w}")
         sizes = [(h, w)]  # spatial size after each conv: k=4, s=2, p=1 maps n to n // 2
@@ -132,11 +140,11 @@ class ConvVAE(VAE):
 
 
 def build_model(kind: str, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool = False,
-                backend=None) -> VAE:
-    """``kind`` "mlp" or "conv", for images of ``image_shape`` = (C, H, W)."""
+                backend=None, logits: bool = False) -> VAE:
+    """``kind`` "mlp" or "conv", for images of ``image_shape`` = (C, H, W); ``logits``: a Bernoulli decoder."""
     if kind == "mlp":
-        return MLPVAE(image_shape, latent_dim, learned_var=learned_var, backend=backend)
+        return MLPVAE(image_shape, latent_dim, learned_var=learned_var, backend=backend, logits=logits)
     if kind == "conv":
         c, h, w = image_shape
-        return ConvVAE(c, (h, w), latent_dim, learned_var=learned_var, backend=backend)
+        return ConvVAE(c, (h, w), latent_dim, learned_var=learned_var, backend=backend, logits=logits)
     raise ValueError(f"model must be 'mlp' or 'conv', got {kind!r}")

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model and loss")
     model.add_argument("--model", default="mlp", choices=("mlp", "conv"), help="see fastvae/models.py")
     model.add_argument("--latent-dim", type=_positive_int, default=8, metavar="N", help="2: also latent.png")
-    model.add_argument("--likelihood", default="gaussian", choices=("gaussian", "gaussian-learned-var"),
+    model.add_argument("--likelihood", default="gaussian", choices=("gaussian", "gaussian-learned-var", "bernoulli"),
                        help="p(x|z) = N(x_hat, --var), or with a learned variance per pixel")
     model.add_argument("--var", type=_positive_float, default=0.02, help="the fixed variance of p(x|z)")
     model.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL term")
@@ -248,13 +248,7 @@ def log_likelihood(loss_fn, x_hat: torch.Tensor, x: torch.Tensor, logvar_x: torc
     k, b = x_hat.shape[:2]
     # the kernels take input and target of one shape: one copy of x per sample, flattened beside x_hat
     target = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-    if logvar_x is None:
-        nll = fastvae.gaussian_nll_loss(x_hat.flatten(0, 1), target, loss_fn.var, full=True, reduction="per_sample",
-                                        backend=loss_fn.backend)
-    else:
-        nll = fastvae.gaussian_nll_loss_logvar(x_hat.flatten(0, 1), target, logvar_x, full=True,
-                                               reduction="per_sample", backend=loss_fn.backend)
-    return -nll.view(k, b)
+    return -loss_fn.recon(x_hat.flatten(0, 1), target, logvar_x, reduction="per_sample").view(k, b)
 
 
 def iwae_terms(net, loss_fn, x: torch.Tensor, k: int, gen, amp) -> ELBOOutput:
@@ -368,7 +362,7 @@ def write_figures(out: Path, model, x_test, y_test, history: list[dict], seed: i
         fig = Figure(figsize=(8, 1.6), layout="constrained")
         top, bottom = fig.subplots(2, 1)
         _show(top, x, 16, "held-out inputs")
-        _show(bottom, model.decode(model.encode(x)[0])[0], 16, "reconstructions (decoder mean at z = mu)")
+        _show(bottom, model.mean(model.decode(model.encode(x)[0])[0]), 16, "reconstructions (decoder mean at z = mu)")
         fig.savefig(out / "reconstructions.png", dpi=150)
 
         gen = torch.Generator(x_test.device).manual_seed(seed)
@@ -382,7 +376,7 @@ def write_figures(out: Path, model, x_test, y_test, history: list[dict], seed: i
             mu = torch.cat([model.encode(c)[0] for c in x_test.split(1024)]).cpu()
             fig = Figure(figsize=(10, 5), layout="constrained")
             left, right = fig.subplots(1, 2)
-            _show(left, model.decode(z)[0], 15, "decoder over z in N(0, I) quantiles 0.03 .. 0.97")
+            _show(left, model.mean(model.decode(z)[0]), 15, "decoder over z in N(0, I) quantiles 0.03 .. 0.97")
             points = right.scatter(mu[:, 0], mu[:, 1], c=y_test.cpu(), cmap="tab10", s=6)
             right.set(title="held-out posterior means", xlabel="z1", ylabel="z2")
             fig.colorbar(points, ax=right, label="label")
@@ -461,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
     # the kernels on CUDA (and on CPU tensors under TRITON_INTERPRET=1, as the tests run them), eager elsewhere
     backend = "torch" if args.backend == "torch" else ("triton" if device.type == "cuda" or interpreting() else None)
     model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim,
-                        learned_var=args.likelihood == "gaussian-learned-var", backend=backend).to(device)
+                        learned_var=args.likelihood == "gaussian-learned-var", logits=args.likelihood == "bernoulli",
+                        backend=backend).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = torch.utils.data.DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
                                                   shuffle=True, seed=args.seed, drop_last=True)
