@@ -18,11 +18,12 @@ from ..reference.common import reduction_scale
 GO_SCALAR, GO_ELEMENTWISE, GO_ROWS = 0, 1, 2
 
 
-def launch_config(n: int) -> "tuple[int, int]":
+def launch_config(n: int, per_thread: int = 8) -> "tuple[int, int]":
     """(BLOCK, num_warps): 8 elements a thread keeps enough bytes in flight to saturate HBM with few
-    programs; small tensors get one small block."""
-    block = min(2048, max(128, triton.next_power_of_2(max(n, 1))))
-    return block, max(1, min(8, block // 256))
+    programs; small tensors get one small block. Kernels with long per-element math (lgamma/digamma, the
+    per-row scan) take 4, where sm_90 compiles them without spilling registers (bench/sass_report.py)."""
+    block = min(256 * per_thread, max(128, triton.next_power_of_2(max(n, 1))))
+    return block, max(1, min(8, block // (32 * per_thread)))
 
 
 def alloc(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:

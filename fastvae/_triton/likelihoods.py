@@ -256,7 +256,7 @@ def _nb_op(
     """(loss, dloss/dmu, dloss/dtheta (per element), dloss/dpi); NB when pi is None, else ZINB."""
     n = x.numel()
     th_idx = operand_index(x.shape, theta)
-    block, warps = launch_config(n)
+    block, warps = launch_config(n, per_thread=4)  # three lgammas and two digammas an element
     grid = triton.cdiv(n, block)
     red = Reduction.plan(reduction, tuple(x.shape))
     loss = red.buffer(x, grid, out_dtype)

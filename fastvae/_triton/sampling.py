@@ -54,7 +54,7 @@ def _sample_kl_op(
     kl_mode = _kl_mode(reduction, red)
     k = max(num_samples, 1)
     z = common.alloc(mu, _z_shape(mu, num_samples), torch.promote_types(mu.dtype, logvar.dtype))
-    block, warps = launch_config(n)
+    block, warps = launch_config(n, per_thread=4 if log_ratio or red.reduction == "per_sample" else 8)
     grid = triton.cdiv(n, block)
     kl_buf = red.buffer(mu, grid, out_dtype) if kl_mode != KL_OFF else common.alloc(mu, (0,), out_dtype)
     rows = _lr_plan(mu) if log_ratio else red
@@ -117,7 +117,8 @@ def _sample_kl_backward_op(
     red = _plan(mu, reduction)
     kl_mode = _kl_mode(reduction, red) if grad_kl is not None else KL_OFF
     rows = _lr_plan(mu) if grad_lr is not None else red
-    block, warps = launch_config(n)
+    # the noise regenerated beside up to three gradients: 8 elements a thread spill on sm_90
+    block, warps = launch_config(n, per_thread=4)
     if n:
         sampling_k.sample_kl_bwd_kernel[(triton.cdiv(n, block),)](
             grad_z.contiguous() if has_gz else None, grad_kl.contiguous() if kl_mode != KL_OFF else None,
