@@ -10,6 +10,11 @@ import pkgutil
 
 import fastvae.kernels
 import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+# what @triton.jit returns: a JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction, which is a
+# KernelInterface only from triton 3.4 on
+_KERNEL_TYPES = (triton.runtime.KernelInterface, InterpretedFunction)
 
 
 class _Counting:
@@ -35,8 +40,7 @@ def _kernels():
     for info in pkgutil.iter_modules(fastvae.kernels.__path__):
         module = importlib.import_module(f"fastvae.kernels.{info.name}")
         for name, obj in vars(module).items():
-            # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1: both are KernelInterfaces
-            if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel"):
+            if isinstance(obj, _KERNEL_TYPES) and name.endswith("_kernel"):
                 yield module, name, obj
 
 

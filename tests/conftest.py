@@ -39,3 +39,37 @@ def device() -> torch.device:
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+# FASTVAE_TEST_SUBSET=1 (the compatibility smoke runs of ci/compat.sh): every test still runs, but with only
+# enough of its parameter cases that each value of each parameter appears at least once (every dtype, every
+# var form, every reduction...), in collection order, and without sizes of 2^16 elements or more (the same
+# kernel code on more programs, minutes under the interpreter). Tests marked slow are left out there too.
+SUBSET = os.environ.get("FASTVAE_TEST_SUBSET", "0") == "1"
+SUBSET_MAX_SIZE = 1 << 16
+
+
+def _large(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= SUBSET_MAX_SIZE
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SUBSET:
+        return
+    seen: dict[str, set] = {}  # test (file and function) -> (parameter, value) pairs already run
+    kept, dropped = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        params = spec.params if spec is not None else {}
+        if item.get_closest_marker("slow") is not None or any(_large(v) for v in params.values()):
+            dropped.append(item)
+            continue
+        pairs = {(name, repr(value)) for name, value in params.items()}
+        covered = seen.setdefault(item.nodeid.split("[")[0], set())
+        if not params or pairs - covered:
+            covered |= pairs
+            kept.append(item)
+        else:
+            dropped.append(item)
+    items[:] = kept
+    config.hook.pytest_deselected(items=dropped)

@@ -121,6 +121,7 @@ N_LARGE = 1 << 22
 _INTERPRETER_SKIP = pytest.mark.skipif(BACKEND == "triton" and DEVICE == "cpu", reason="interpreter time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target_dtype, scale", [
     (torch.float16, 1.0),
     pytest.param(torch.float16, 2.0**15, marks=_INTERPRETER_SKIP),

@@ -134,6 +134,7 @@ def test_estimator_exact_with_the_true_posterior(backend):
 K_ESTIMATE, ESTIMATE_TOL = (5000, 0.03) if not (BACKEND == "triton" and DEVICE == "cpu") else (256, 0.3)
 
 
+@pytest.mark.slow
 def test_estimator_converges_with_a_wrong_posterior(backend):
     """A shifted, too-wide q: the K = 5000 estimate is within a few hundredths of a nat of the closed form
     (measured: 0.021 at worst over 5 data seeds; K = 256: 0.16), below it on average (a lower bound in
@@ -154,7 +155,8 @@ def test_estimator_converges_with_a_wrong_posterior(backend):
     assert max(calls) <= 1000 and sum(calls) == K_ESTIMATE
     err = (est - exact).abs().max().item()
     assert err < ESTIMATE_TOL, err
-    assert (est - exact).mean().item() < 0.01
+    # the mean error's spread shrinks as 1/sqrt(K): 0.003 measured at K = 5000, 0.0138 at K = 256 (triton 3.3)
+    assert (est - exact).mean().item() < (0.01 if K_ESTIMATE >= 5000 else 0.05)
     elbo = fastvae.estimate_log_likelihood(enc, model.log_likelihood, x, num_samples=1, backend=backend).cpu()
     assert (exact - elbo).mean().item() > 5 * (exact - est).abs().mean().item()
 
@@ -178,6 +180,7 @@ def test_bad_input(backend):
         fastvae.estimate_log_likelihood(model.encode(), model.log_likelihood, x, num_samples=3, chunk_size=0)
 
 
+@pytest.mark.slow
 def test_trainer_iwae_and_log_px_estimate(tmp_path, backend):
     """--objective iwae trains on the K-sample bound through the kernels; --eval-samples reports the
     held-out log p(x) estimate, which lies above the held-out ELBO (a tighter bound)."""
