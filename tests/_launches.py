@@ -45,11 +45,14 @@ def _kernels():
 
 
 @contextlib.contextmanager
-def count_launches():
-    """``with count_launches() as counts:`` counts[kernel name] = launches inside the block."""
+def count_launches(*names: str):
+    """``with count_launches() as counts:`` counts[kernel name] = launches inside the block, of every kernel
+    or of the kernels ``names`` only."""
     counts: collections.Counter = collections.Counter()
     patched = []
     for module, name, fn in _kernels():
+        if names and name not in names:
+            continue
         setattr(module, name, _Counting(name, fn, counts))
         patched.append((module, name, fn))
     try:

@@ -35,6 +35,19 @@ def device() -> torch.device:
     return torch.device(DEVICE)
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels write starts as NaN (or -1 for ints): an unwritten element shows up."""
+    from fastvae._triton import common  # imports triton: only the kernel tests that ask for it pay for that
+
+    def alloc(like, shape, dtype=None):
+        dtype = dtype if dtype is not None else like.dtype
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=like.device)
+
+    monkeypatch.setattr(common, "alloc", alloc)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

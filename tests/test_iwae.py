@@ -11,7 +11,6 @@ from _launches import count_launches
 from conftest import BACKEND, DEVICE
 
 import fastvae
-from fastvae import _triton
 
 # rows shorter than a kernel tile, about one, and longer (a row spans programs); a 1-D batch (one element a row)
 SHAPES = [(7,), (33, 5), (3, 700), (2, 2500), (4, 3, 6)]
@@ -21,15 +20,6 @@ def _posterior(shape, dtype=torch.float32):
     mu = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
     lv = (torch.randn(shape, device=DEVICE) * 0.5).to(dtype).requires_grad_()
     return mu, lv
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    def alloc(like, shape, dtype=None):
-        dtype = dtype if dtype is not None else like.dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -1, dtype=dtype, device=like.device)
-
-    monkeypatch.setattr(_triton.common, "alloc", alloc)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

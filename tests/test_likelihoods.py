@@ -11,13 +11,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+from _launches import count_launches
 from conftest import BACKEND, DEVICE, DTYPES, TOL
-from fastvae.kernels import bernoulli as bce_k
 from fastvae.kernels import negative_binomial as nb_k
-from fastvae.kernels import poisson as poisson_k
 
 import fastvae
-from fastvae import _triton, reference
+from fastvae import reference
 from fastvae.reference.likelihoods import log_nb_positive, log_zinb_positive
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean", "per_sample"]
@@ -326,7 +326,7 @@ def test_special_functions_fp32_accuracy(fn):
     x64 = torch.logspace(-6, 6, 3001, dtype=torch.float64, device=DEVICE)
     x = x64.float()
     out = torch.empty_like(x)
-    nb_k.special_fn_kernel[(triton_cdiv(x.numel(), 1024),)](
+    nb_k.special_fn_kernel[(triton.cdiv(x.numel(), 1024),)](
         x, out, x.numel(), FN=0 if fn == "digamma" else 1, BLOCK=1024
     )
     exact = (torch.digamma if fn == "digamma" else torch.lgamma)(x.double())
@@ -339,38 +339,11 @@ def test_special_functions_fp32_accuracy(fn):
         assert mixed < 4 * max((torch_fp32 / exact.abs().clamp(min=1.0)).max().item(), 3e-7)
 
 
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
-
-
 @pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the kernels write starts as NaN: an unwritten element shows up."""
-
-    def alloc(like, shape, dtype=None):
-        dtype = dtype if dtype is not None else like.dtype
-        return torch.full(shape, math.nan if dtype.is_floating_point else -1, dtype=dtype, device=like.device)
-
-    monkeypatch.setattr(_triton.common, "alloc", alloc)
-
-
-@pytest.fixture
-def launches(monkeypatch):
+def launches():
     """Counts the launches of each loss kernel; a test asserts the kernel ran rather than a fallback."""
-    counts = {}
-
-    class Counted:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            counts[self.name] = counts.get(self.name, 0) + 1
-            return self.kernel[grid]
-
-    for mod, name in ((bce_k, "bce_logits_fwd_kernel"), (poisson_k, "poisson_nll_fwd_kernel"),
-                      (nb_k, "nb_nll_fwd_kernel")):
-        monkeypatch.setattr(mod, name, Counted(name, getattr(mod, name)))
-    return counts
+    with count_launches("bce_logits_fwd_kernel", "poisson_nll_fwd_kernel", "nb_nll_fwd_kernel") as counts:
+        yield counts
 
 
 def _odd_case(op, n_rows, n_cols, form):
@@ -544,8 +517,6 @@ def test_trainer_bernoulli(objective, tmp_path, backend):
     for mod in ("sklearn", "matplotlib", "tqdm"):
         pytest.importorskip(mod)
     import json
-
-    from _launches import count_launches
 
     from fastvae import train
 

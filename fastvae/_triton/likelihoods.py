@@ -58,8 +58,19 @@ def bce_supported(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_w
     )
 
 
-def _xt_dtypes(input: Tensor, target: Tensor) -> "tuple[torch.dtype, torch.dtype]":
-    return grad_dtype(input.dtype), grad_dtype(target.dtype)
+def _xt_grad_buffers(input: Tensor, target: Tensor, grad_input: bool, grad_target: bool,
+                     alloc) -> "tuple[Tensor, Tensor]":
+    """The input's and the target's forward-written gradients (empty when not asked for), for BCE and Poisson."""
+    return (alloc(input, input.shape if grad_input else (0,), grad_dtype(input.dtype)),
+            alloc(input, input.shape if grad_target else (0,), grad_dtype(target.dtype)))
+
+
+def _xt_fake(input: Tensor, target: Tensor, reduction: str, grad_input: bool, grad_target: bool,
+             out_dtype: torch.dtype) -> "tuple[Tensor, Tensor, Tensor]":
+    """The fake (meta) outputs of the BCE and Poisson ops: the reduced loss and the two gradients."""
+    loss = input.new_empty(Reduction.plan(reduction, tuple(input.shape)).out_shape, dtype=out_dtype)
+    return (loss, *_xt_grad_buffers(input, target, grad_input, grad_target,
+                                    lambda like, shape, dtype: like.new_empty(shape, dtype=dtype)))
 
 
 @torch.library.custom_op("fastvae::bce_with_logits", mutates_args=())
@@ -80,9 +91,7 @@ def _bce_op(
     grid = triton.cdiv(n, block)
     red = Reduction.plan(reduction, tuple(input.shape))
     loss = red.buffer(input, grid, out_dtype)
-    gx_dt, gt_dt = _xt_dtypes(input, target)
-    gx = common.alloc(input, input.shape if grad_input else (0,), gx_dt)
-    gt = common.alloc(input, input.shape if grad_target else (0,), gt_dt)
+    gx, gt = _xt_grad_buffers(input, target, grad_input, grad_target, common.alloc)
     if n:
         bce_k.bce_logits_fwd_kernel[(grid,)](
             input, target, _operand(weight, w_idx[0], input), _operand(pos_weight, p_idx[0], input),
@@ -96,13 +105,7 @@ def _bce_op(
 
 @_bce_op.register_fake
 def _(input, target, weight, pos_weight, reduction, grad_input, grad_target, out_dtype):
-    red = Reduction.plan(reduction, tuple(input.shape))
-    gx_dt, gt_dt = _xt_dtypes(input, target)
-    return (
-        input.new_empty(red.out_shape, dtype=out_dtype),
-        input.new_empty(input.shape if grad_input else (0,), dtype=gx_dt),
-        input.new_empty(input.shape if grad_target else (0,), dtype=gt_dt),
-    )
+    return _xt_fake(input, target, reduction, grad_input, grad_target, out_dtype)
 
 
 def _xt_setup(ctx, input, target, reduction, output):
@@ -172,9 +175,7 @@ def _poisson_op(
     grid = triton.cdiv(n, block)
     red = Reduction.plan(reduction, tuple(input.shape))
     loss = red.buffer(input, grid, out_dtype)
-    gx_dt, gt_dt = _xt_dtypes(input, target)
-    gx = common.alloc(input, input.shape if grad_input else (0,), gx_dt)
-    gt = common.alloc(input, input.shape if grad_target else (0,), gt_dt)
+    gx, gt = _xt_grad_buffers(input, target, grad_input, grad_target, common.alloc)
     if n:
         poisson_k.poisson_nll_fwd_kernel[(grid,)](
             input, target, loss, gx, gt,
@@ -187,13 +188,7 @@ def _poisson_op(
 
 @_poisson_op.register_fake
 def _(input, target, log_input, full, eps, reduction, grad_input, grad_target, out_dtype):
-    red = Reduction.plan(reduction, tuple(input.shape))
-    gx_dt, gt_dt = _xt_dtypes(input, target)
-    return (
-        input.new_empty(red.out_shape, dtype=out_dtype),
-        input.new_empty(input.shape if grad_input else (0,), dtype=gx_dt),
-        input.new_empty(input.shape if grad_target else (0,), dtype=gt_dt),
-    )
+    return _xt_fake(input, target, reduction, grad_input, grad_target, out_dtype)
 
 
 def _poisson_setup(ctx, inputs, output):
