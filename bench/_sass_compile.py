@@ -180,6 +180,10 @@ def compile_spec(root: str, spec: dict[str, Any], arch: int, ints: str, sass: bo
         listing, res = disassemble(kernel.asm["cubin"], sass)
     except Exception as e:  # a compile error is a result here, reported per specialization
         msg = f"{type(e).__name__}: {e}" + (f"\n{e.stderr}" if isinstance(e, subprocess.CalledProcessError) else "")
+        cause = e.__cause__ or e.__context__  # a CompilationError's own text ends at the call site
+        while cause is not None:
+            msg += f"\ncaused by {type(cause).__name__}: {cause}"
+            cause = cause.__cause__ or cause.__context__
         return {"ok": False, "error": msg[-4000:]}
     return {
         "ok": True,

@@ -30,12 +30,15 @@ standard-normal prior, reduced in the kernel like a per-sample KL (one partial p
 
 Bytes: reads 2N, writes K*N for z and 4 K (P + B) for the partials (B = rows).
 
-One Philox call (10 rounds) yields four normals (two Box-Muller pairs), so each program works on a
-[BLOCK/4, 4] tile: a row is one counter and four neighbouring elements, which keeps the loads contiguous
-and spends a quarter of the integer work of one call per element.
+Noise: one Philox call (10 rounds, 32-bit words) yields four uniform words, turned into four normals by
+two Box-Muller pairs (``_normal_pair``: a radius from one word, a uniform angle from the other, its sine and
+cosine as short polynomials on an octant plus a random symmetry of the square, no libdevice range
+reduction). Element e of sample k is normal e % 4 of counter k * ceil(N/4) + e // 4, whatever the tile.
 
-Offsets are int64 throughout, so tensors past 2^31 elements index correctly; Philox takes the 64-bit
-counter as two 32-bit words.
+Tile: each program works on a [BLOCK/ROW, ROW] tile, ROW = 16 bytes of the narrowest tensor it touches
+(4 fp32, 8 bf16/fp16), so each thread's row is one 128-bit load or store; a row spans ROW/4 Philox
+counters. Offsets are int32 unless WIDE (K*N + BLOCK >= 2^31): 64-bit address arithmetic costs as many
+integer instructions as the math on the hot path.
 """
 
 import triton
@@ -50,21 +53,98 @@ KL_REDUCED = tl.constexpr(2)  # fp32 partials; backward gets one gradient (PER_R
 
 
 @triton.jit
-def _tile(pid, n, BLOCK: tl.constexpr):
-    """Element offsets of this program as a [BLOCK/4, 4] tile, its Philox counters, and the bounds mask."""
-    rows = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    offs = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
-    return offs, rows, offs < n
+def _tile(pid, n, BLOCK: tl.constexpr, ROW: tl.constexpr, WIDE: tl.constexpr):
+    """Element offsets of this program as a [BLOCK/ROW, ROW] tile in memory order, its first Philox counter
+    per row (element e's counter is e // 4), and the bounds mask."""
+    if WIDE:
+        pid = pid.to(tl.int64)
+    rows = pid * (BLOCK // ROW) + tl.arange(0, BLOCK // ROW)
+    offs = rows[:, None] * ROW + tl.arange(0, ROW)[None, :]
+    return offs, rows * (ROW // 4), offs < n
+
+
+# sin(pi/2 f) / f and cos(pi/2 f) for f in [-1/2, 1/2] as polynomials in f^2 (least squares on Chebyshev
+# nodes): max error 1e-7 against float64 in fp32 arithmetic, about an ulp
+_S1 = tl.constexpr(1.5707963705062866)
+_S3 = tl.constexpr(-0.6459634900093079)
+_S5 = tl.constexpr(0.07968021929264069)
+_S7 = tl.constexpr(-0.004602163098752499)
+_C2 = tl.constexpr(-1.2337005138397217)
+_C4 = tl.constexpr(0.25366920232772827)
+_C6 = tl.constexpr(-0.02086007036268711)
+_C8 = tl.constexpr(0.00090362987248227)
 
 
 @triton.jit
-def _noise(seed, counters):
-    """eps for a tile: the four normals of each row's Philox counter spread over the row's four elements.
-    Sample k of row r uses counter k * ceil(n/4) + r (int64, advanced by the caller)."""
-    r0, r1, r2, r3 = tl.randn4x(seed, counters)
-    lane = tl.arange(0, 4)[None, :]
-    return tl.where(lane == 0, r0[:, None],
-                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+def _unit(w, offset: tl.constexpr):
+    """(the top 23 bits of a uint32 word as a float in [1, 2)) - offset: exact, no int-to-float conversion."""
+    return ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - offset
+
+
+@triton.jit
+def _normal_pair(w_r, w_a):
+    """Two independent standard normals from two uniform uint32 words (Box-Muller).
+
+    radius: sqrt(-2 log u), u in (0, 1) from w_r's top 23 bits, centred in its cell so it is never 0
+            (|eps| <= 5.8);
+    angle:  uniform on the circle, as an angle uniform on [-pi/4, pi/4) (w_a's top 23 bits) moved by a
+            uniform symmetry of the square (swap sine and cosine, flip either sign: three low bits), so
+            the sine and cosine need no range reduction.
+    """
+    r = tl.sqrt(-2.0 * tl.log(_unit(w_r, 1.0 - 2.0**-24)))
+    f = _unit(w_a, 1.5)
+    f2 = f * f
+    s = f * (_S1 + f2 * (_S3 + f2 * (_S5 + f2 * _S7)))
+    c = 1.0 + f2 * (_C2 + f2 * (_C4 + f2 * (_C6 + f2 * _C8)))
+    swap = (w_a & 1) != 0
+    a = tl.where(swap, s, c).to(tl.uint32, bitcast=True) ^ (w_r << 31)
+    b = tl.where(swap, c, s).to(tl.uint32, bitcast=True) ^ ((w_a & 2) << 30)
+    return r * a.to(tl.float32, bitcast=True), r * b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mul_wide(a, b):
+    """(high, low) 32-bit words of the 64-bit product of uint32 ``a`` and a uint32 constant: one wide
+    multiply (IMAD.WIDE.U32) where triton's umulhi and mul are two."""
+    p = a.to(tl.uint64) * b
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _philox(seed, counters):
+    """Philox4x32-10 of (counter, 0, 0, 0) under the 64-bit key ``seed``: the four uint32 words
+    ``tl.randint4x(seed, counters)`` gives for int32 counters, bit for bit."""
+    c0 = counters.to(tl.uint32, bitcast=True)
+    c1 = tl.zeros_like(c0)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    seed = seed.to(tl.uint64, bitcast=True)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    for _ in tl.static_range(10):
+        hi_b, lo_b = _mul_wide(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul_wide(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 += 0x9E3779B9
+        k1 += 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _noise(seed, counters, ROW: tl.constexpr):
+    """eps for a [BLOCK/ROW, ROW] tile whose rows start at Philox ``counters``: ROW/4 calls per row, each
+    four normals for four neighbouring elements (the caller adds k * ceil(n/4) for sample k)."""
+    lane = tl.arange(0, ROW)[None, :]
+    eps = tl.zeros([counters.shape[0], ROW], dtype=tl.float32)
+    for j in tl.static_range(ROW // 4):
+        w0, w1, w2, w3 = _philox(seed, counters + j)
+        e0, e1 = _normal_pair(w0, w1)
+        e2, e3 = _normal_pair(w2, w3)
+        eps = tl.where(lane == 4 * j, e0[:, None], eps)
+        eps = tl.where(lane == 4 * j + 1, e1[:, None], eps)
+        eps = tl.where(lane == 4 * j + 2, e2[:, None], eps)
+        eps = tl.where(lane == 4 * j + 3, e3[:, None], eps)
+    return eps
 
 
 @triton.jit
@@ -88,17 +168,18 @@ def sample_kl_fwd_kernel(
     n, num_samples, row_len, lr_stride,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROW: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs, rows, mask = _tile(pid, n, BLOCK)
+    offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
         seed = tl.load(seed_ptr)
         std = tl.exp(0.5 * lv)
-        z_offs, counters, lr_base = offs, rows, lr_ptr
+        z_offs, lr_base = offs, lr_ptr
         for _ in range(num_samples):
-            eps = _noise(seed, counters)
+            eps = _noise(seed, counters, ROW)
             z = mu + std * eps
             tl.store(z_ptr + z_offs, z.to(z_ptr.dtype.element_ty), mask=mask)
             if LOG_RATIO:  # log N(z; 0, I) - log N(z; mu, e^lv), summed per row: the 2 pi terms cancel
@@ -122,25 +203,26 @@ def sample_kl_bwd_kernel(
     n, num_samples, kl_scale, row_len, n_rows,
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROW: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs, rows, mask = _tile(pid, n, BLOCK)
+    offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gmu = tl.zeros_like(mu)
     glv = tl.zeros_like(mu)
     if PER_ROW or LOG_RATIO:  # each element's row: where its per-row gradient is read
         row, _ = row_col(pid, row_len, BLOCK, LONG_ROWS)
-        row = tl.reshape(row, [BLOCK // 4, 4])
+        row = tl.reshape(row, [BLOCK // ROW, ROW])
     else:
         row = offs
     if HAS_GZ or LOG_RATIO:
         seed = tl.load(seed_ptr)
         std = tl.exp(0.5 * lv)
-        gz_offs, counters, lr_offs = offs, rows, row
+        gz_offs, lr_offs = offs, row
         g_eps = tl.zeros_like(mu)  # sum_k dL/dz_k * eps_k: dz/dlogvar = 0.5 std eps
         for _ in range(num_samples):
-            eps = _noise(seed, counters)
+            eps = _noise(seed, counters, ROW)
             g_z = tl.zeros_like(mu)
             if HAS_GZ:
                 g_z += tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)

@@ -145,8 +145,10 @@ def test_estimator_converges_with_a_wrong_posterior(backend):
     assert max(calls) <= 1000 and sum(calls) == K_ESTIMATE
     err = (est - exact).abs().max().item()
     assert err < ESTIMATE_TOL, err
-    # the mean error's spread shrinks as 1/sqrt(K): 0.003 measured at K = 5000, 0.0138 at K = 256 (triton 3.3)
-    assert (est - exact).mean().item() < (0.01 if K_ESTIMATE >= 5000 else 0.05)
+    # the mean error's spread shrinks as 1/sqrt(K): 0.003 measured at K = 5000; at K = 256 it is seed luck
+    # whether it is below 0 (six seeds: -0.05 to +0.065, sd 0.037; K = 64 over 24 seeds: sd 0.056 with the
+    # kernel's noise, 0.044 with torch's), so the interpreter's bound is 3 sd
+    assert (est - exact).mean().item() < (0.01 if K_ESTIMATE >= 5000 else 0.11)
     elbo = fastvae.estimate_log_likelihood(enc, model.log_likelihood, x, num_samples=1, backend=backend).cpu()
     assert (exact - elbo).mean().item() > 5 * (exact - est).abs().mean().item()
 

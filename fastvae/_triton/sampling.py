@@ -27,6 +27,16 @@ def _plan(mu: Tensor, reduction: str) -> Reduction:
     return Reduction.plan("none" if reduction == "" else reduction, tuple(mu.shape))
 
 
+def _tile_config(n: int, k: int, per_thread: int, *tiles: "Optional[Tensor | torch.dtype]"
+                 ) -> "tuple[int, int, int, bool]":
+    """(BLOCK, num_warps, ROW, WIDE) for a kernel reading and writing ``tiles`` (tensors or dtypes) per
+    element: a row of ROW elements is 16 bytes of the narrowest, one 128-bit access a thread, which needs
+    ROW elements a thread at least; WIDE when an offset (K samples of n) could pass int32."""
+    row = 16 // min((t if isinstance(t, torch.dtype) else t.dtype).itemsize for t in tiles if t is not None)
+    block, warps = launch_config(n, per_thread=max(per_thread, row))
+    return block, warps, row, k * n + block >= 2**31
+
+
 def _kl_mode(reduction: str, red: Reduction) -> int:
     if reduction == "":
         return KL_OFF
@@ -54,7 +64,9 @@ def _sample_kl_op(
     kl_mode = _kl_mode(reduction, red)
     k = max(num_samples, 1)
     z = common.alloc(mu, _z_shape(mu, num_samples), torch.promote_types(mu.dtype, logvar.dtype))
-    block, warps = launch_config(n, per_thread=4 if log_ratio or red.reduction == "per_sample" else 8)
+    kl_tile = out_dtype if kl_mode == KL_ELEMENTWISE else None
+    per_thread = 4 if log_ratio or red.reduction == "per_sample" else 8
+    block, warps, row, wide = _tile_config(n, k, per_thread, mu, logvar, mu_p, logvar_p, z, kl_tile)
     grid = triton.cdiv(n, block)
     kl_buf = red.buffer(mu, grid, out_dtype) if kl_mode != KL_OFF else common.alloc(mu, (0,), out_dtype)
     rows = _lr_plan(mu) if log_ratio else red
@@ -65,7 +77,7 @@ def _sample_kl_op(
             mu, logvar, mu_p, logvar_p, seed, z, kl_buf, lr_buf, n, k, rows.row_len, lr_stride,
             SAMPLE=num_samples != 0, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=log_ratio, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
-            BLOCK=block, num_warps=warps,
+            BLOCK=block, ROW=row, WIDE=wide, num_warps=warps,
         )
     if kl_mode == KL_REDUCED:
         kl_buf = red.finish(kl_buf, block, out_dtype)
@@ -117,18 +129,20 @@ def _sample_kl_backward_op(
     red = _plan(mu, reduction)
     kl_mode = _kl_mode(reduction, red) if grad_kl is not None else KL_OFF
     rows = _lr_plan(mu) if grad_lr is not None else red
-    # the noise regenerated beside up to three gradients: 8 elements a thread spill on sm_90
-    block, warps = launch_config(n, per_thread=4)
+    gz = grad_z.contiguous() if has_gz else None
+    gkl = grad_kl.contiguous() if kl_mode != KL_OFF else None
+    # the noise regenerated beside up to three gradients: 8 fp32 elements a thread spill on sm_90
+    block, warps, row, wide = _tile_config(n, max(num_samples, 1), 4, gz, gkl if kl_mode == KL_ELEMENTWISE else None,
+                                           mu, logvar, mu_p, logvar_p)
     if n:
         sampling_k.sample_kl_bwd_kernel[(triton.cdiv(n, block),)](
-            grad_z.contiguous() if has_gz else None, grad_kl.contiguous() if kl_mode != KL_OFF else None,
-            grad_lr.contiguous() if grad_lr is not None else None,
+            gz, gkl, grad_lr.contiguous() if grad_lr is not None else None,
             mu, logvar, mu_p, logvar_p, seed,
             grad_mu, grad_logvar, grad_mu_p, grad_logvar_p,
             n, max(num_samples, 1), red.scale, rows.row_len, rows.rows,
             HAS_GZ=has_gz, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=grad_lr is not None, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
-            BLOCK=block, num_warps=warps,
+            BLOCK=block, ROW=row, WIDE=wide, num_warps=warps,
         )
     return grad_mu, grad_logvar, grad_mu_p, grad_logvar_p
 
