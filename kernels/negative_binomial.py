@@ -35,43 +35,59 @@ from .bernoulli import load_bcast, log1p
 from .reduce import store_partials
 
 HALF_LOG_2PI = tl.constexpr(0.9189385332046727)
-SHIFT = tl.constexpr(6)  # recurrence steps: the asymptotic series starts at x >= 6
+SHIFT = tl.constexpr(4)  # the asymptotic series are used from 4 up
 
 FN_DIGAMMA = tl.constexpr(0)
 FN_LGAMMA = tl.constexpr(1)
 
 
 @triton.jit
-def digamma(x):
-    """psi(x) for x > 0 in fp32: psi(x) = psi(x + k) - sum_{j<k} 1/(x + j) up to x + k >= 6, then
-    psi(y) ~ log y - 1/(2y) - 1/(12y^2) + 1/(120y^4) - 1/(252y^6) + 1/(240y^8) - 1/(132y^10) (truncation error
-    below 1e-10 at y = 6). For tiny x the recurrence's 1/x carries psi(x) ~ -1/x - gamma to fp32 precision."""
-    acc = tl.zeros(x.shape, tl.float32)
-    for _ in tl.static_range(SHIFT):
-        small = x < 6.0
-        acc = tl.where(small, acc + 1.0 / x, acc)
-        x = tl.where(small, x + 1.0, x)
-    r = 1.0 / x
+def _shift(x):
+    """(y, num, den) for x > 0: below 4, y = x + 4, den = x (x+1) (x+2) (x+3) and num / den = sum_j 1/(x + j)
+    (the recurrences Gamma(x) = Gamma(x + 4) / den and psi(x) = psi(x + 4) - num / den in closed form: one
+    select per argument, not per step, and no division); from 4 up, y = x, den = 1, num = 0. A fixed shift
+    to [4, 8) rather than a shift to [6, 7): lgamma(y) - log(den) cancels more the larger y is, and y < 8
+    keeps it within 1.1e-6 (tests/test_likelihoods.py)."""
+    small = x < SHIFT
+    xs = tl.minimum(x, 4.0)  # = min(x, SHIFT): the unused lanes' products stay finite
+    num = tl.full(x.shape, 1.0, tl.float32)
+    den = xs
+    for j in tl.static_range(1, SHIFT):
+        num = num * (xs + j) + den
+        den = den * (xs + j)
+    return tl.where(small, x + SHIFT, x), tl.where(small, num, 0.0), tl.where(small, den, 1.0)
+
+
+@triton.jit
+def lgamma_digamma(x):
+    """(log Gamma(x), psi(x)) for x > 0 in fp32, sharing the shift, log y and one division. With y >= 4:
+    log Gamma(y) ~ (y - 1/2) log y - y + log(2 pi)/2 + 1/(12y) - 1/(360y^3) + 1/(1260y^5) - 1/(1680y^7),
+    psi(y) ~ log y - 1/(2y) - 1/(12y^2) + 1/(120y^4) - 1/(252y^6) + 1/(240y^8) - 1/(132y^10) (truncation
+    errors 3e-9 and 1e-9 at y = 4). libdevice's lgammaf does not run in the interpreter, so this is what
+    both paths use; a caller that needs one of the two leaves the other to dead-code elimination."""
+    y, num, den = _shift(x)
+    inv = 1.0 / (y * den)
+    r = den * inv
     r2 = r * r
-    series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240 - r2 * (1.0 / 132)))))
-    return tl.log(x) - 0.5 * r - series - acc
+    log_y = tl.log(y)
+    # (y - 1/2) log y - y = (y - 1/2)(log y - 1) - 1/2: the product is half the size, so is its rounding
+    lg_series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
+    lg = (y - 0.5) * (log_y - 1.0) + (HALF_LOG_2PI - 0.5) + lg_series - tl.log(den)
+    psi_series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240 - r2 * (1.0 / 132)))))
+    psi = log_y - 0.5 * r - psi_series - num * y * inv
+    return lg, psi
 
 
 @triton.jit
 def lgamma(x):
-    """log Gamma(x) for x > 0 in fp32 (libdevice's lgammaf does not run in the interpreter, so this one is
-    what both paths use): Gamma(x) = Gamma(x + k) / (x (x+1) ... (x+k-1)) up to x + k >= 6, then Stirling's
-    series (y - 1/2) log y - y + log(2 pi)/2 + 1/(12y) - 1/(360y^3) + 1/(1260y^5) - 1/(1680y^7)."""
-    prod = tl.full(x.shape, 1.0, tl.float32)
-    for _ in tl.static_range(SHIFT):
-        small = x < 6.0
-        prod = tl.where(small, prod * x, prod)
-        x = tl.where(small, x + 1.0, x)
-    r = 1.0 / x
-    r2 = r * r
-    series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
-    # (y - 1/2) log y - y = (y - 1/2)(log y - 1) - 1/2: the product is half the size, so is its rounding
-    return (x - 0.5) * (tl.log(x) - 1.0) + (HALF_LOG_2PI - 0.5) + series - tl.log(prod)
+    lg, _ = lgamma_digamma(x)
+    return lg
+
+
+@triton.jit
+def digamma(x):
+    _, psi = lgamma_digamma(x)
+    return psi
 
 
 @triton.jit
@@ -120,10 +136,12 @@ def nb_nll_fwd_kernel(
     log_mu_term = x * (tl.log(mu + eps) - log_thmu)
     a = th * (log_th - log_thmu)
     x_th = x + th
-    log_nb = a + log_mu_term + lgamma(x_th) - lgamma(th) - lgamma(x + 1.0)
+    lg_x_th, psi_x_th = lgamma_digamma(x_th)
+    lg_th, psi_th = lgamma_digamma(th)
+    log_nb = a + log_mu_term + lg_x_th - lg_th - lgamma(x + 1.0)
     da_dth = log_th - log_thmu + th / (th + eps) - th * inv_thmu
     d_mu = x / (mu + eps) - x_th * inv_thmu
-    d_th = da_dth - x * inv_thmu + digamma(x_th) - digamma(th)
+    d_th = da_dth - x * inv_thmu + psi_x_th - psi_th
     if ZI:
         pi = tl.load(pi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sp_neg_pi = softplus(-pi)

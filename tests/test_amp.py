@@ -65,9 +65,12 @@ def test_half_model_output_fp32_target(model_dtype, form, reduction, backend):
 
 
 @pytest.mark.parametrize("mu_dtype, lv_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
-                                                (torch.float16, torch.bfloat16)])
-def test_mixed_posterior_promotes(mu_dtype, lv_dtype, backend):
-    mu, lv = _leaf((16, 12), mu_dtype), _leaf((16, 12), lv_dtype, 0.5)
+                                                (torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+# (2, 2048): the launch config of large tensors (2048-element tiles, 8 elements a thread: one 128-bit access
+# for 16-bit rows), so the machine-code report and the compile check see it for every dtype
+@pytest.mark.parametrize("shape", [(16, 12), (2, 2048)])
+def test_mixed_posterior_promotes(mu_dtype, lv_dtype, shape, backend):
+    mu, lv = _leaf(shape, mu_dtype), _leaf(shape, lv_dtype, 0.5)
     out_dtype = torch.promote_types(mu_dtype, lv_dtype)
     with count_launches() as counts:
         z, kl = fastvae.reparameterize_kl(mu, lv, reduction="per_sample", backend=backend)
@@ -82,6 +85,27 @@ def test_mixed_posterior_promotes(mu_dtype, lv_dtype, backend):
     # dz/dmu = 1, dz/dlogvar = 0.5 (z - mu), whatever the noise was; the KL adds mu and 0.5 (e^lv - 1)
     _close(mu.grad, gz.double() + mu64, mu_dtype)
     _close(lv.grad, 0.5 * (z64 - mu64) * gz.double() + 0.5 * (lv64.exp() - 1), lv_dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(4, 6), (2, 2048)])
+def test_half_posterior_log_weights(dtype, shape, backend):
+    """sample_log_weights on 16-bit mu/logvar (small and large-tensor tiles): each log ratio and its
+    gradients from the samples it drew, in float64."""
+    mu, lv = _leaf(shape, dtype), _leaf(shape, dtype, 0.5)
+    with count_launches() as counts:
+        z, lr = fastvae.sample_log_weights(mu, lv, num_samples=2, backend=backend)
+        g = torch.rand(lr.shape, device=DEVICE) + 0.5
+        (lr * g).sum().backward()
+    _expect_kernels(counts, "sample_kl_fwd_kernel", "sample_kl_bwd_kernel")
+    assert z.dtype == dtype and lr.dtype == torch.float32
+    mu64, lv64, z64 = mu.detach().double(), lv.detach().double(), z.detach().double()
+    eps = (z64 - mu64) * torch.exp(-0.5 * lv64)
+    # log N(z; 0, I) - log N(z; mu, e^lv) per row, z as stored (rounded to 16 bits)
+    _close(lr, (0.5 * (eps.square() - z64.square() + lv64)).flatten(2).sum(-1), dtype)  # z rounded to 16 bits
+    gk = g.double()[:, :, None]
+    _close(mu.grad, -(gk * z64).sum(0), dtype)
+    _close(lv.grad, (gk * 0.5 * (1 - z64 * (z64 - mu64))).sum(0), dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -9,8 +9,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from _torch_compat import gaussian_nll_loss as torch_gaussian_nll_loss
 from conftest import BACKEND, DEVICE
+from fastvae.kernels import sampling as sampling_k
 from scipy import stats
 
 import fastvae
@@ -148,6 +151,45 @@ def test_sampler_statistics():
     kurtosis = ((eps - eps.mean()) ** 4).mean() / eps.var() ** 2
     assert abs(kurtosis - 3.0) < 6 * math.sqrt(24.0 / n)
     assert stats.kstest(eps.numpy(), "norm").pvalue > 1e-4
+
+
+@triton.jit
+def _sampler_math_kernel(w_ptr, log_ptr, sin_ptr, cos_ptr, a_ptr, b_ptr, BLOCK: tl.constexpr):
+    """The sampler's device math on its own: u and its log from a word, the octant's sine and cosine, and
+    the normal pair of two words."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs).to(tl.uint32, bitcast=True)
+    tl.store(log_ptr + offs, sampling_k._log_normal(sampling_k._unit(w, 1.0 - 2.0**-24)))
+    sin, cos = sampling_k._sincos_octant(sampling_k._unit(w, 1.5))
+    tl.store(sin_ptr + offs, sin)
+    tl.store(cos_ptr + offs, cos)
+    w2 = tl.load(w_ptr + BLOCK * tl.num_programs(0) + offs).to(tl.uint32, bitcast=True)
+    a, b = sampling_k._normal_pair(w, w2)
+    tl.store(a_ptr + offs, a)
+    tl.store(b_ptr + offs, b)
+
+
+def test_sampler_device_math():
+    """Box-Muller's pieces against float64 on words spanning their range: log u within an ulp of u's log
+    (libdevice logf's own error), the octant polynomials within 1.5e-7, and pairs (r cos t, r sin t) with
+    r^2 = -2 log u exactly as built and t covering the circle uniformly."""
+    n = 1 << 16
+    top = torch.arange(n, dtype=torch.int64) * (1 << 23) // n  # 23-bit values across [0, 2^23)
+    low = torch.randint(0, 1 << 9, (n,))
+    w = ((top << 9) | low).to(torch.int64)
+    words = torch.cat([w, torch.randint(0, 1 << 32, (n,))]).to(torch.int64)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).to(DEVICE)
+    out = [torch.empty(n, device=DEVICE) for _ in range(5)]
+    _sampler_math_kernel[(n // 1024,)](words, *out, BLOCK=1024)
+    log_u, sin, cos, a, b = (t.double().cpu() for t in out)
+    u = (top.double() + 0.5) * 2.0**-23
+    assert ((log_u - u.log()).abs() / u.log().abs()).max() < 2.4e-7  # 2 ulp
+    f = top.double() * 2.0**-23 - 0.5
+    assert (sin - torch.sin(math.pi / 2 * f)).abs().max() < 1.5e-7
+    assert (cos - torch.cos(math.pi / 2 * f)).abs().max() < 1.5e-7
+    torch.testing.assert_close(a.square() + b.square(), -2 * log_u, rtol=1e-6, atol=1e-6)
+    angle = torch.atan2(b, a)
+    assert stats.kstest(angle.numpy(), stats.uniform(-math.pi, 2 * math.pi).cdf).pvalue > 1e-4
 
 
 def test_samples_are_independent():
