@@ -134,10 +134,13 @@ def _mul_wide(a, b):
 
 @triton.jit
 def _philox(seed, counters):
-    """Philox4x32-10 of (counter, 0, 0, 0) under the 64-bit key ``seed``: the four uint32 words
-    ``tl.randint4x(seed, counters)`` gives for int32 counters, bit for bit."""
-    c0 = counters.to(tl.uint32, bitcast=True)
-    c1 = tl.zeros_like(c0)
+    """Philox4x32-10 of (counter low word, counter high word, 0, 0) under the 64-bit key ``seed``: the four
+    uint32 words ``tl.randint4x(seed, counters)`` gives, bit for bit (int32 counters have a high word of 0)."""
+    c0 = counters.to(tl.uint32)
+    if tl.constexpr(counters.dtype.primitive_bitwidth > 32):
+        c1 = (counters >> 32).to(tl.uint32)
+    else:
+        c1 = tl.zeros_like(c0)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
     seed = seed.to(tl.uint64, bitcast=True)

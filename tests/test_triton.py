@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from _launches import count_launches
 from _torch_compat import gaussian_nll_loss as torch_gaussian_nll_loss
 from conftest import BACKEND, DEVICE
 from fastvae.kernels import sampling as sampling_k
@@ -169,6 +170,30 @@ def _sampler_math_kernel(w_ptr, log_ptr, sin_ptr, cos_ptr, a_ptr, b_ptr, BLOCK: 
     tl.store(b_ptr + offs, b)
 
 
+@triton.jit
+def _philox_kernel(seed_ptr, out_ptr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.arange(0, BLOCK) * 7919 + 2**30
+    if WIDE:
+        c = c.to(tl.int64) * 5 + 2**33
+    seed = tl.load(seed_ptr)
+    ours = sampling_k._philox(seed, c)
+    theirs = tl.randint4x(seed, c)
+    for i in tl.static_range(4):
+        tl.store(out_ptr + i * BLOCK + tl.arange(0, BLOCK), ours[i].to(tl.int32, bitcast=True))
+        tl.store(out_ptr + (4 + i) * BLOCK + tl.arange(0, BLOCK), theirs[i].to(tl.int32, bitcast=True))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_philox_is_tritons(wide):
+    """The sampler's Philox (one wide multiply a product) is triton's randint4x bit for bit, for int32 and
+    int64 counters and 64-bit seeds."""
+    for seed in (0, 12345, -3, 2**62 + 17):
+        out = torch.empty(8 * 256, dtype=torch.int32, device=DEVICE)
+        _philox_kernel[(1,)](torch.tensor([seed], dtype=torch.int64, device=DEVICE), out, WIDE=wide, BLOCK=256)
+        assert torch.equal(out[:4 * 256], out[4 * 256:])
+        assert out[:256].unique().numel() == 256
+
+
 def test_sampler_device_math():
     """Box-Muller's pieces against float64 on words spanning their range: log u within an ulp of u's log
     (libdevice logf's own error), the octant polynomials within 1.5e-7, and pairs (r cos t, r sin t) with
@@ -234,6 +259,32 @@ def test_seed_reproduces_bitwise_and_advances():
     g1 = fastvae.reparameterize(mu, lv, generator=gen, backend="triton")
     gen.manual_seed(3)
     assert torch.equal(g1, fastvae.reparameterize(mu, lv, generator=gen, backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int64_offsets_draw_the_same_noise(monkeypatch, dtype):
+    """Offsets are int64 (WIDE) only when K * n could pass int32: the arithmetic changes, not one value. Forced
+    on for small tensors, z, the KLs, the log ratios and every gradient match the int32 launch bit for bit
+    (and the compile check gets the WIDE kernels, which only tensors past 2^31 elements launch otherwise)."""
+    from fastvae._triton import sampling as sampling_op
+
+    mu, lv = _randn(6, 700).to(dtype), _randn(6, 700, scale=0.5).to(dtype)
+
+    def run():
+        torch.manual_seed(5)
+        m, v = _leaf(mu), _leaf(lv)
+        z, kl = fastvae.reparameterize_kl(m, v, num_samples=2, reduction="per_sample", backend="triton")
+        z1, lr = fastvae.sample_log_weights(m, v, num_samples=3, backend="triton")
+        (z.float().square().sum() + kl.float().sum() + z1.float().sum() + lr.sum()).backward()
+        return z, kl, z1, lr, m.grad, v.grad
+
+    narrow = run()
+    monkeypatch.setattr(sampling_op, "INT32_OFFSETS", 0)
+    with count_launches("sample_kl_fwd_kernel") as counts:
+        wide = run()
+    assert counts["sample_kl_fwd_kernel"] == 2
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
 
 
 def _saved_bytes(fn, inputs):

@@ -15,6 +15,7 @@ from . import common
 from .common import Reduction, launch_config
 
 KL_OFF, KL_ELEMENTWISE, KL_REDUCED = 0, 1, 2
+INT32_OFFSETS = 2**31  # offsets at or past this take the kernels' int64 arithmetic (WIDE)
 
 
 def _z_shape(mu: Tensor, num_samples: int) -> "tuple[int, ...]":
@@ -34,7 +35,7 @@ def _tile_config(n: int, k: int, per_thread: int, *tiles: "Optional[Tensor | tor
     ROW elements a thread at least; WIDE when an offset (K samples of n) could pass int32."""
     row = 16 // min((t if isinstance(t, torch.dtype) else t.dtype).itemsize for t in tiles if t is not None)
     block, warps = launch_config(n, per_thread=max(per_thread, row))
-    return block, warps, row, k * n + block >= 2**31
+    return block, warps, row, k * n + block >= INT32_OFFSETS
 
 
 def _kl_mode(reduction: str, red: Reduction) -> int:
