@@ -69,13 +69,19 @@ def arg_kind(value: Any) -> dict[str, Any]:
 class Recorder:
     """Deduplicated launch specializations, keyed by everything that changes the compiled code."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, only: str | None = None) -> None:
         self.root = os.path.realpath(root)
+        # record the kernels defined under this directory only (the shipped ones: a test's own kernel is
+        # neither shipped nor importable without the test's imports)
+        self.only = os.path.realpath(only) + os.sep if only else None
         self.specs: dict[str, dict[str, Any]] = {}
         self.launches = 0
 
     def record(self, fn: Any, args: tuple, kwargs: dict[str, Any], grid: Any) -> int:
-        """Record one launch; returns its number of programs."""
+        """Record one launch; returns its number of programs (0 for a kernel outside ``only``)."""
+        path = os.path.realpath(inspect.getsourcefile(fn))
+        if self.only and not path.startswith(self.only):
+            return 0
         params = inspect.signature(fn).parameters
         names = list(params)
         bound = dict(zip(names, args))
@@ -94,7 +100,6 @@ class Recorder:
                 spec_args[name] = {"kind": "constexpr", "value": _constexpr_value(value)}
             else:
                 spec_args[name] = arg_kind(value)
-        path = os.path.realpath(inspect.getsourcefile(fn))
         spec = {
             "module": fn.__module__,
             "kernel": fn.__qualname__,

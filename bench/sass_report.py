@@ -3,6 +3,7 @@ on a machine without a GPU.
 
     python bench/sass_report.py --out DIR [--arch 90] [--arch 80]         # record, compile, report
     python bench/sass_report.py --record FILE                             # record only (needs torch)
+    python bench/sass_report.py --record FILE --strict -- PYTEST_ARGS     # a test pass, recorded
     python bench/sass_report.py --specs FILE --out DIR --check            # compile a recording (triton only)
 
 Recording runs the test suite under ``TRITON_INTERPRET=1`` with every kernel launch recorded (see
@@ -46,14 +47,15 @@ RUN_PROGRAMS = 16
 # --------------------------------------------------------------------------------------------------------
 
 
-def record(out: str, root: str, pytest_args: list[str], run_programs: int | None) -> int:
-    """Run pytest in this process with launches recorded; returns the number of specializations."""
+def record(out: str, root: str, pytest_args: list[str], run_programs: int | None, strict: bool = False) -> int:
+    """Run pytest in this process with launches recorded; returns pytest's exit code when ``strict`` (every
+    launch runs: the recording of a real test pass, which fails as the pass does), else 0."""
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by the hook or the tests
     os.environ.setdefault("FASTVAE_TEST_BACKEND", "triton")
     import _sass_record
     import pytest
 
-    recorder = _sass_record.Recorder(root)
+    recorder = _sass_record.Recorder(root, only=os.path.join(root, "kernels"))
     _sass_record.install(recorder, run_programs)
     # bench/ holds a conftest.py too: keep it off sys.path so the tests import their own
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
@@ -64,7 +66,7 @@ def record(out: str, root: str, pytest_args: list[str], run_programs: int | None
         rc = pytest.main(list(pytest_args))  # pytest inserts the ini's addopts into the list it is given
     finally:
         os.chdir(cwd)
-    # failures are expected (skipped launches leave outputs unwritten); a broken session is not
+    # failures are expected when launches are skipped (their outputs are never written); a broken session is not
     if rc not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not recorder.specs:
         raise SystemExit(f"recording failed: pytest exit code {int(rc)}, {len(recorder.specs)} specializations")
     import triton
@@ -77,7 +79,7 @@ def record(out: str, root: str, pytest_args: list[str], run_programs: int | None
     })
     print(f"recorded {recorder.launches} launches, {len(recorder.specs)} specializations in "
           f"{time.time() - t0:.0f} s -> {out}", file=sys.stderr)
-    return len(recorder.specs)
+    return int(rc) if strict else 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=ROOT, help="repository root (where the tests and kernels are)")
     ap.add_argument("--run-programs", type=int, default=RUN_PROGRAMS,
                     help="launches of more programs are recorded but not run (-1: run all)")
+    ap.add_argument("--strict", action="store_true",
+                    help="with --record: run every launch and exit with pytest's code (a recorded test pass)")
     ap.add_argument("--cache-dir", help="triton cache to reuse (default: a fresh one)")
     ap.add_argument("--dump-sass", action="store_true", help="also write each SASS listing under DIR/sass/")
     args = ap.parse_args(argv)
@@ -353,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     run_programs = None if args.run_programs < 0 else args.run_programs
 
     if args.record:
-        record(os.path.abspath(args.record), root, pytest_args, run_programs)
-        return 0
+        return record(os.path.abspath(args.record), root, pytest_args, None if args.strict else run_programs,
+                      args.strict)
     if not args.out:
         ap.error("--out is required unless --record is given")
     os.makedirs(args.out, exist_ok=True)

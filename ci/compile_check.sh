@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Compile every Triton kernel specialization the public ops launch for sm_90, on this CPU-only machine, under
 # the CI's triton and under the GPU image's (triton 3.6.0), and fail on a compile error or a register spill.
-# The interpreter accepts code a real compile rejects; finding that here is far cheaper than on a GPU.
+# The interpreter accepts code a real compile rejects; finding that here is far cheaper than on a GPU. CI
+# (ci/test.sh) runs it on the recording of its interpreter pass, beside ci/compat.sh.
 #
 #   (a) record the specializations: the test suite under TRITON_INTERPRET=1 with every launch recorded
-#       (needs the CI venv: torch + triton, active or given as $PYTHON);
+#       (needs the CI venv: torch + triton, active or given as $PYTHON), or take the recording the
+#       interpreter pass of ci/run_tests.sh wrote to $FASTVAE_SPECS;
 #   (b) compile them all for sm_90 under that triton;
 #   (c) compile the same set in a venv holding only triton==$GPU_TRITON (kernels/ imports only triton), kept
 #       under ~/.cache so a cached CI home skips the install (pip's own cache makes a rebuild quick too).
@@ -30,14 +32,20 @@ start=$SECONDS
 venv_pid=$!
 
 status=0
-echo "+ record the kernel launches of the test suite"
-$PY bench/sass_report.py --record "$OUT/specializations.json"
+SPECS="$OUT/specializations.json"
+if [ -s "${FASTVAE_SPECS:-}" ]; then
+    SPECS="$FASTVAE_SPECS"
+    echo "+ the interpreter pass's recording: $SPECS"
+else
+    echo "+ record the kernel launches of the test suite"
+    $PY bench/sass_report.py --record "$SPECS"
+fi
 echo "+ compile for sm_90 with $($PY -c 'import triton; print("triton", triton.__version__)')"
-$PY bench/sass_report.py --specs "$OUT/specializations.json" --arch 90 --check-only --out "$OUT/ci" || status=1
+$PY bench/sass_report.py --specs "$SPECS" --arch 90 --check-only --out "$OUT/ci" || status=1
 
 if wait "$venv_pid"; then
     echo "+ compile for sm_90 with triton $GPU_TRITON (no torch)"
-    "$VENV_GPU/bin/python" bench/sass_report.py --specs "$OUT/specializations.json" --arch 90 --check-only \
+    "$VENV_GPU/bin/python" bench/sass_report.py --specs "$SPECS" --arch 90 --check-only \
         --out "$OUT/gpu-image" || status=1
 else
     cat "$OUT/venv.log"

@@ -12,6 +12,19 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 ruff check .
+# the interpreter pass records the kernel specializations it launches here
+export FASTVAE_SPECS="${FASTVAE_SPECS:-$(mktemp -d)/specializations.json}"
 bash ci/run_tests.sh
-# the declared support range: the wheel and sdist, then the op suite at the floor and at the newest torch
-bash ci/compat.sh package floor newest
+# Two checks side by side: every kernel specialization the interpreter pass launched, compiled for sm_90 under
+# this triton and the GPU image's (CPU-bound), and the declared support range (the wheel and sdist, the op
+# suite at the floor and at the newest torch: installs, then one pytest process at a time).
+compile_log="$(mktemp)"
+bash ci/compile_check.sh >"$compile_log" 2>&1 &
+compile_pid=$!
+compat_status=0
+bash ci/compat.sh package floor newest || compat_status=$?
+compile_status=0
+wait "$compile_pid" || compile_status=$?
+cat "$compile_log"
+echo "compat: exit $compat_status; compile check: exit $compile_status"
+[ "$compat_status" -eq 0 ] && [ "$compile_status" -eq 0 ]

@@ -260,6 +260,9 @@ def test_recorder_keys_on_what_the_jit_specializes():
     r.record(kernel, (x, None, 4096, 1, 2.0), {"MODE": 2, "num_warps": 4}, (32,))  # same code: one entry
     r.record(kernel, (x.half(), None, 4096, 3, 2.0), {"MODE": 2, "num_warps": 4}, (32,))
     assert r.launches == 3 and len(r.specs) == 2
+    shipped_only = rec.Recorder(os.getcwd(), only="kernels")  # this test's kernel is not under kernels/
+    assert shipped_only.record(kernel, (x, None, 1000, 1, 0.5), {"MODE": 2}, (8,)) == 0
+    assert shipped_only.launches == 0 and not shipped_only.specs
     first = next(iter(r.specs.values()))
     assert first["args"]["x_ptr"] == {"kind": "tensor", "dtype": "fp32"}
     assert first["args"]["y_ptr"] == {"kind": "none"}
