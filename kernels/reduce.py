@@ -57,7 +57,14 @@ def store_partials(x, mask, partial_ptr, pid, row_len,
     """Reduce this program's values ``x`` (any tile shape of BLOCK elements in memory order) to fp32
     partials: one at slot pid, or with PER_ROW one per row segment at slot pid + row."""
     x = tl.reshape(tl.where(mask, x, 0.0).to(tl.float32), [BLOCK])
-    if PER_ROW:
+    if PER_ROW and LONG_ROWS:  # at most two segments: row r0 up to the wrap, then row r0 + 1
+        start = pid.to(tl.int64) * BLOCK
+        r0 = start // row_len
+        wrap = (start - r0 * row_len) + tl.arange(0, BLOCK) >= row_len
+        second = tl.max((tl.reshape(mask, [BLOCK]) & wrap).to(tl.int32), axis=0)
+        tl.store(partial_ptr + pid + r0, tl.sum(tl.where(wrap, 0.0, x), axis=0))
+        tl.store(partial_ptr + pid + r0 + 1, tl.sum(tl.where(wrap, x, 0.0), axis=0), mask=second != 0)
+    elif PER_ROW:
         valid = tl.reshape(mask, [BLOCK])
         row, col = row_col(pid, row_len, BLOCK, LONG_ROWS)
         i = tl.arange(0, BLOCK)
