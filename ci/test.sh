@@ -18,8 +18,9 @@ bash ci/run_tests.sh
 # Two checks side by side: every kernel specialization the interpreter pass launched, compiled for sm_90 under
 # this triton and the GPU image's (CPU-bound), and the declared support range (the wheel and sdist, the op
 # suite at the floor and at the newest torch: installs, then one pytest process at a time).
+# The compile check runs niced: the compat tests (one process) keep a core, the compiles take the rest.
 compile_log="$(mktemp)"
-bash ci/compile_check.sh >"$compile_log" 2>&1 &
+nice -n 10 bash ci/compile_check.sh >"$compile_log" 2>&1 &
 compile_pid=$!
 compat_status=0
 bash ci/compat.sh package floor newest || compat_status=$?
