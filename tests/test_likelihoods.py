@@ -339,6 +339,24 @@ def test_special_functions_fp32_accuracy(fn):
         assert mixed < 4 * max((torch_fp32 / exact.abs().clamp(min=1.0)).max().item(), 3e-7)
 
 
+@triton_only
+def test_special_functions_limits():
+    """The poles and limits torch gives: lgamma(0) = inf, digamma(0) = -inf, both inf at inf, NaN in, NaN
+    out; a subnormal x keeps lgamma = -log x to fp32 accuracy (a reciprocal of it would overflow)."""
+    x = torch.tensor([0.0, float("inf"), float("nan"), 1e-40, 1e-45, 3.0e-39], device=DEVICE)
+    out = {}
+    for fn in ("digamma", "lgamma"):
+        out[fn] = torch.empty_like(x)
+        nb_k.special_fn_kernel[(1,)](x, out[fn], x.numel(), FN=0 if fn == "digamma" else 1, BLOCK=1024)
+    lg, psi = out["lgamma"].cpu(), out["digamma"].cpu()
+    assert lg[0] == float("inf") and psi[0] == float("-inf")
+    assert lg[1] == float("inf") and psi[1] == float("inf")
+    assert lg[2].isnan() and psi[2].isnan()
+    exact = torch.lgamma(x[3:].double().cpu())
+    torch.testing.assert_close(lg[3:].double(), exact, rtol=1e-6, atol=0)
+    assert (psi[3:] < -1e38).all()  # -1/x: at least fp32's largest magnitude, or -inf
+
+
 @pytest.fixture
 def launches():
     """Counts the launches of each loss kernel; a test asserts the kernel ran rather than a fallback."""
