@@ -22,7 +22,7 @@ writes N for each gradient asked for (input, target), and N for reduction="none"
 import triton
 import triton.language as tl
 
-from .reduce import store_partials
+from .reduce import store_loss
 
 OP_FULL = tl.constexpr(0)
 OP_SCALAR = tl.constexpr(1)
@@ -85,10 +85,7 @@ def bce_logits_fwd_kernel(
         loss = loss * w
         gx = gx * w
         gt = gt * w
-    if REDUCE:
-        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
-    else:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    store_loss(loss, mask, loss_ptr, offs, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     if GRAD_X:
         tl.store(gx_ptr + offs, (gx * grad_scale).to(gx_ptr.dtype.element_ty), mask=mask)
     if GRAD_T:

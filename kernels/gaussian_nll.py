@@ -25,7 +25,7 @@ or one per row segment for reduction="per_sample"; see reduce.py).
 import triton
 import triton.language as tl
 
-from .reduce import store_partials
+from .reduce import store_loss
 
 VAR_FULL = tl.constexpr(0)
 VAR_SCALAR = tl.constexpr(1)
@@ -72,10 +72,7 @@ def gaussian_nll_fwd_kernel(
         d2_iv = d * d * inv_v
         loss = 0.5 * (tl.log(vc) + d2_iv) + const
         gv = 0.5 * inv_v * (1.0 - d2_iv)
-    if REDUCE:
-        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
-    else:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    store_loss(loss, mask, loss_ptr, offs, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     if GRAD_X:
         tl.store(gx_ptr + offs, (d * inv_v * grad_scale).to(gx_ptr.dtype.element_ty), mask=mask)
     if GRAD_VAR == GV_ELEMENTWISE:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .bernoulli import load_bcast, log1p
-from .reduce import store_partials
+from .reduce import store_loss
 
 HALF_LOG_2PI = tl.constexpr(0.9189385332046727)
 SHIFT = tl.constexpr(4)  # the asymptotic series are used from 4 up
@@ -160,10 +160,7 @@ def nb_nll_fwd_kernel(
         ll = log_nb
     loss = -ll
     neg_scale = -grad_scale
-    if REDUCE:
-        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
-    else:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    store_loss(loss, mask, loss_ptr, offs, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     if GRAD_MU:
         tl.store(gmu_ptr + offs, (d_mu * neg_scale).to(gmu_ptr.dtype.element_ty), mask=mask)
     if GRAD_TH:

@@ -17,7 +17,7 @@ reduction="none" or fp32 partials otherwise.
 import triton
 import triton.language as tl
 
-from .reduce import store_partials
+from .reduce import store_loss
 
 
 @triton.jit
@@ -49,10 +49,7 @@ def poisson_nll_fwd_kernel(
         log_t = tl.log(ts)
         loss += tl.where(big, ts * log_t - ts + 0.5 * log_t + half_log_2pi, 0.0)
         gt += tl.where(big, log_t + 0.5 / ts, 0.0)
-    if REDUCE:
-        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
-    else:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    store_loss(loss, mask, loss_ptr, offs, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     if GRAD_X:
         tl.store(gx_ptr + offs, (gx * grad_scale).to(gx_ptr.dtype.element_ty), mask=mask)
     if GRAD_T:

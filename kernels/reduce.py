@@ -77,6 +77,17 @@ def store_partials(x, mask, partial_ptr, pid, row_len,
 
 
 @triton.jit
+def store_loss(loss, mask, loss_ptr, offs, pid, row_len,
+               REDUCE: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, LONG_ROWS: tl.constexpr):
+    """A loss kernel's output: per element at ``offs`` in loss_ptr's dtype, or with REDUCE its fp32 partials
+    (``store_partials``)."""
+    if REDUCE:
+        store_partials(loss, mask, loss_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
+    else:
+        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def sum_partials_kernel(partial_ptr, out_ptr, n_partials, scale, BLOCK: tl.constexpr):
     """out = scale * sum_p partial[p], in a fixed order, by one program."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)

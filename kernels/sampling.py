@@ -44,7 +44,7 @@ integer instructions as the math on the hot path.
 import triton
 import triton.language as tl
 
-from .reduce import row_col, store_partials
+from .reduce import row_col, store_loss, store_partials
 
 # KL_MODE: what the kernel does with the KL
 KL_OFF = tl.constexpr(0)  # sampling only
@@ -200,9 +200,9 @@ def sample_kl_fwd_kernel(
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    std = tl.exp(0.5 * lv)
     if SAMPLE:
         seed = tl.load(seed_ptr)
+        std = tl.exp(0.5 * lv)
         z_offs, lr_base = offs, lr_ptr
         for _ in range(num_samples):
             eps = _noise(seed, counters, ROW)
@@ -217,10 +217,7 @@ def sample_kl_fwd_kernel(
         d, inv_var_p, lvp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P)
         # exp(lv), not std^2: exp(lv) - lv - 1 cancels to lv^2 / 2, and a rounding more shows in small KLs
         kl = 0.5 * (lvp - lv + (tl.exp(lv) + d * d) * inv_var_p - 1.0)
-        if KL_MODE == KL_ELEMENTWISE:
-            tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
-        else:
-            store_partials(kl, mask, kl_ptr, pid, row_len, PER_ROW, BLOCK, LONG_ROWS)
+        store_loss(kl, mask, kl_ptr, offs, pid, row_len, KL_MODE == KL_REDUCED, PER_ROW, BLOCK, LONG_ROWS)
 
 
 @triton.jit
@@ -243,9 +240,9 @@ def sample_kl_bwd_kernel(
         row = tl.reshape(row, [BLOCK // ROW, ROW])
     else:
         row = offs
-    std = tl.exp(0.5 * lv)
     if HAS_GZ or LOG_RATIO:
         seed = tl.load(seed_ptr)
+        std = tl.exp(0.5 * lv)
         gz_offs, lr_offs = offs, row
         g_eps = tl.zeros_like(mu)  # sum_k dL/dz_k * eps_k: dz/dlogvar = 0.5 std eps
         for _ in range(num_samples):
