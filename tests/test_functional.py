@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _oracle import backward_both, check
 from _torch_compat import gaussian_nll_loss as torch_gaussian_nll_loss
 from conftest import BACKEND, DTYPES, TOL
 from torch.distributions import Normal, kl_divergence
@@ -39,24 +40,6 @@ def _inputs(shape, dtype, device, *scales):
     return out
 
 
-def _check(actual, expected, dtype, grads=()):
-    rtol, atol = TOL[dtype]
-    assert actual.dtype == dtype
-    expected = expected.detach()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol, atol=atol * scale)
-    for a, e in grads:
-        assert a.grad is not None and a.grad.dtype == a.dtype
-        scale = max(1.0, e.grad.abs().max().item())
-        torch.testing.assert_close(a.grad.double(), e.grad, rtol=rtol, atol=atol * scale)
-
-
-def _backward_both(out, ref):
-    weight = torch.rand_like(ref) + 0.5
-    (out.double() * weight).sum().backward()
-    (ref * weight).sum().backward()
-
-
 # ---------------------------------------------------------------------------------------------------- KL
 
 
@@ -68,8 +51,8 @@ def test_gaussian_kl_standard_prior(dtype, shape, reduction, backend, device):
     out = fastvae.gaussian_kl(mu, lv, reduction=reduction, backend=backend)
     elementwise = kl_divergence(Normal(mu64, torch.exp(0.5 * lv64)), Normal(0.0, 1.0))
     ref = _reduce(elementwise, reduction)
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(mu, mu64), (lv, lv64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(mu, mu64), (lv, lv64)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,8 +64,8 @@ def test_gaussian_kl_two_gaussians(dtype, reduction, prior_shape, backend, devic
     out = fastvae.gaussian_kl(mu, lv, mp, lp, reduction=reduction, backend=backend)
     elementwise = kl_divergence(Normal(mu64, torch.exp(0.5 * lv64)), Normal(mp64, torch.exp(0.5 * lp64)))
     ref = _reduce(elementwise, reduction)
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(mu, mu64), (lv, lv64), (mp, mp64), (lp, lp64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(mu, mu64), (lv, lv64), (mp, mp64), (lp, lp64)])
 
 
 def test_gaussian_kl_closed_form(backend, device):
@@ -183,8 +166,8 @@ def test_gaussian_nll_matches_torch(dtype, form, reduction, full, backend, devic
     v, v64 = v.clone().requires_grad_(), v.double().requires_grad_()
     out = fastvae.gaussian_nll_loss(x, t, v, full=full, reduction=reduction, backend=backend)
     ref = torch_gaussian_nll_loss(x64, t64, v64, full=full, reduction=reduction)
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(x, x64), (t, t64), (v, v64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(x, x64), (t, t64), (v, v64)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,8 +177,8 @@ def test_gaussian_nll_float_var_and_batchmean(dtype, reduction, backend, device)
     out = fastvae.gaussian_nll_loss(x, t, 0.3, reduction=reduction, backend=backend)
     elementwise = torch_gaussian_nll_loss(x64, t64, 0.3, reduction="none")
     ref = _reduce(elementwise, reduction)
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(x, x64), (t, t64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(x, x64), (t, t64)])
 
 
 @pytest.mark.parametrize("eps", [1e-6, 0.25])
@@ -233,8 +216,8 @@ def test_gaussian_nll_logvar(dtype, form, reduction, full, backend, device):
     out = fastvae.gaussian_nll_loss_logvar(x, t, lv, full=full, reduction=reduction, backend=backend)
     elementwise = 0.5 * (lv64 + (x64 - t64) ** 2 * torch.exp(-lv64)) + (0.5 * math.log(2 * math.pi) if full else 0)
     ref = _reduce(elementwise, reduction)
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(x, x64), (t, t64), (lv, lv64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(x, x64), (t, t64), (lv, lv64)])
 
 
 @pytest.mark.torch_only

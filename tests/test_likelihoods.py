@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from _launches import count_launches
+from _oracle import backward_both, check
 from conftest import BACKEND, DEVICE, DTYPES, TOL
 from fastvae.kernels import negative_binomial as nb_k
 
@@ -38,24 +39,6 @@ def _pair(t: torch.Tensor, dtype: torch.dtype, grad: bool = True):
     """A leaf in dtype and its float64 twin holding the same (rounded) values."""
     low = t.to(DEVICE).to(dtype)
     return low.clone().requires_grad_(grad), low.double().requires_grad_(grad)
-
-
-def _check(actual, expected, dtype, grads=(), tol=None):
-    rtol, atol = tol or TOL[dtype]
-    assert actual.dtype == dtype
-    expected = expected.detach()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol, atol=atol * scale)
-    for a, e in grads:
-        assert a.grad is not None and a.grad.dtype == a.dtype
-        scale = max(1.0, e.grad.abs().max().item())
-        torch.testing.assert_close(a.grad.double(), e.grad, rtol=rtol, atol=atol * scale)
-
-
-def _backward_both(out, ref):
-    weight = torch.rand_like(ref) + 0.5
-    (out.double() * weight).sum().backward()
-    (ref * weight).sum().backward()
 
 
 # ------------------------------------------------------------------------------------------------ Bernoulli
@@ -96,8 +79,8 @@ def test_bce_with_logits_matches_torch(dtype, shape, reduction, form, backend):
     out = fastvae.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=p, backend=backend)
     ref = _reduce(F.binary_cross_entropy_with_logits(x64, t64, w64, reduction="none", pos_weight=p64), reduction)
     assert out.shape == ref.shape
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(x, x64), (t, t64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(x, x64), (t, t64)])
 
 
 def test_bce_extreme_logits(backend, device):
@@ -206,8 +189,8 @@ def test_poisson_matches_torch(dtype, reduction, log_input, full, backend):
     (x, x64), (t, t64) = _pair(x_raw, dtype), _pair(torch.rand(shape) * 6 + 0.05, dtype)
     out = fastvae.poisson_nll_loss(x, t, log_input=log_input, full=full, reduction=reduction, backend=backend)
     ref = _reduce(F.poisson_nll_loss(x64, t64, log_input=log_input, full=full, reduction="none"), reduction)
-    _backward_both(out, ref)
-    _check(out, ref, dtype, [(x, x64), (t, t64)])
+    backward_both(out, ref)
+    check(out, ref, dtype, [(x, x64), (t, t64)])
 
 
 def test_poisson_broadcast_and_errors(backend, device):
@@ -263,8 +246,8 @@ def test_nb_zinb_match_scvi_formulas(dtype, reduction, theta_form, zi, backend):
         ref = _reduce(-log_nb_positive(x64, mu64, th64), reduction)
         grads = [(mu, mu64), (th, th64)]
     assert out.shape == ref.shape
-    _backward_both(out, ref)
-    _check(out, ref, dtype, grads, tol=NB_TOL[dtype])
+    backward_both(out, ref)
+    check(out, ref, dtype, grads, tol=NB_TOL[dtype])
 
 
 def test_nb_formula_is_the_negative_binomial_log_pmf():
@@ -406,7 +389,7 @@ def test_writes_every_element_and_takes_the_kernel(poisoned, launches, op, size,
     twins = [t.detach().double().requires_grad_() for t in leaves]
     out = fn(*leaves, reduction)
     ref = _reduce(fn(*twins, None), reduction)
-    _backward_both(out, ref)
+    backward_both(out, ref)
     assert sum(launches.values()) == 1, launches
     assert torch.isfinite(out).all(), "a loss element was never written"
     torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=1e-5)
