@@ -325,6 +325,27 @@ class Bench:
             self._sets_key = key
         return self._sets
 
+    def run_op(
+        self,
+        benchmark: Any,
+        case: Case,
+        eager: Callable[..., Any],
+        fastvae: Callable[[str], Callable[..., Any]],
+        make: Callable[[], Batch],
+        *,
+        nbytes: int | None = None,
+        items: int | None = None,
+    ) -> float | None:
+        """``run`` for one implementation of an op, named by ``case.impl``: the eager formulas ("eager"),
+        torch.compile of them ("compile") or ``fastvae(backend)`` ("fastvae-<backend>")."""
+        if case.impl == "eager":
+            fn = eager
+        elif case.impl == "compile":
+            fn = self.compile(eager)
+        else:
+            fn = fastvae(case.impl.replace("fastvae-", ""))
+        return self.run(benchmark, case, op_step(fn, case.mode), make, nbytes=nbytes, items=items)
+
     def run(
         self,
         benchmark: Any,

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from conftest import Batch, Bench, Case, op_step
+from conftest import Batch, Case
 
 import fastvae
 
@@ -57,22 +57,9 @@ def make_elbo(batch: int, dtype: torch.dtype, mode: str, device: torch.device) -
     return Batch((mu, logvar, x, w), (None,) if grad else ())
 
 
-def impl_fn(impl: str, bench: Bench) -> Callable[..., torch.Tensor]:
-    if impl == "eager":
-        return eager_elbo
-    if impl == "compile":
-        return bench.compile(eager_elbo)
-    return fastvae_elbo(impl.replace("fastvae-", ""))
-
-
 def test_elbo(benchmark, bench, elbo_batch, dtype, mode, impl):
     case = Case("elbo", mode, impl, dtype, (elbo_batch, LATENT))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bench.run(
-        benchmark,
-        case,
-        op_step(impl_fn(impl, bench), mode),
-        lambda: make_elbo(elbo_batch, dtype, mode, bench.device),
-        nbytes=min_bytes(mode, elbo_batch, itemsize),
-        items=elbo_batch,
-    )
+    bench.run_op(benchmark, case, eager_elbo, fastvae_elbo,
+                 lambda: make_elbo(elbo_batch, dtype, mode, bench.device),
+                 nbytes=min_bytes(mode, elbo_batch, itemsize), items=elbo_batch)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from conftest import Batch, Bench, Case, op_step
+from conftest import Batch, Bench, Case
 
 import fastvae
 
@@ -68,24 +68,12 @@ def make_recon(shape: tuple[int, int], dtype: torch.dtype, mode: str, op: str, d
     return Batch((x_hat, x, third.requires_grad_(grad)), (None,) if grad else ())
 
 
-def impl_fn(op: str, impl: str, bench: Bench) -> Callable[..., torch.Tensor]:
-    if impl == "eager":
-        return EAGER[op]
-    if impl == "compile":
-        return bench.compile(EAGER[op])
-    return fastvae_fn(op, impl.replace("fastvae-", ""))
-
-
 def run_nll(op: str, benchmark, bench: Bench, recon, dtype, mode, impl) -> None:
     case = Case(op, mode, impl, dtype, tuple(recon))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bench.run(
-        benchmark,
-        case,
-        op_step(impl_fn(op, impl, bench), mode),
-        lambda: make_recon(recon, dtype, mode, op, bench.device),
-        nbytes=min_bytes(op, mode, case.numel, itemsize),
-    )
+    bench.run_op(benchmark, case, EAGER[op], lambda backend: fastvae_fn(op, backend),
+                 lambda: make_recon(recon, dtype, mode, op, bench.device),
+                 nbytes=min_bytes(op, mode, case.numel, itemsize))
 
 
 def test_nll_var_scalar(benchmark, bench, recon, dtype, mode, impl):
@@ -108,10 +96,5 @@ def make_amp(shape: tuple[int, int], mode: str, device: torch.device) -> Batch:
 def test_nll_amp_bf16_fp32(benchmark, bench, recon, mode, impl):
     """bf16 x_hat, fp32 x: ideally reads 2 + 4 bytes an element and writes the 2-byte gradient."""
     case = Case("nll_amp_bf16_fp32", mode, impl, torch.bfloat16, tuple(recon))
-    bench.run(
-        benchmark,
-        case,
-        op_step(impl_fn("nll_var_scalar", impl, bench), mode),
-        lambda: make_amp(recon, mode, bench.device),
-        nbytes=case.numel * (6 + (2 if mode == "fwdbwd" else 0)),
-    )
+    bench.run_op(benchmark, case, EAGER["nll_var_scalar"], lambda backend: fastvae_fn("nll_var_scalar", backend),
+                 lambda: make_amp(recon, mode, bench.device), nbytes=case.numel * (6 + (2 if mode == "fwdbwd" else 0)))

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Batch, Bench, Case, bench_device, is_quick, op_step
+from conftest import Batch, Bench, Case, bench_device, is_quick
 
 import fastvae
 from fastvae.reference.likelihoods import log_nb_positive, log_zinb_positive
@@ -90,24 +90,12 @@ def make(op: str, shape: tuple[int, int], dtype: torch.dtype, mode: str, device:
     return Batch((x, mu, theta, pi), go)
 
 
-def impl_fn(op: str, impl: str, bench: Bench) -> Callable[..., torch.Tensor]:
-    if impl == "eager":
-        return EAGER[op]
-    if impl == "compile":
-        return bench.compile(EAGER[op])
-    return fastvae_fn(op, impl.replace("fastvae-", ""))
-
-
 def run(op: str, benchmark, bench: Bench, shape, dtype, mode, impl) -> None:
     case = Case(op, mode, impl, dtype, tuple(shape))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bench.run(
-        benchmark,
-        case,
-        op_step(impl_fn(op, impl, bench), mode),
-        lambda: make(op, tuple(shape), dtype, mode, bench.device),
-        nbytes=min_bytes(op, mode, tuple(shape), itemsize),
-    )
+    bench.run_op(benchmark, case, EAGER[op], lambda backend: fastvae_fn(op, backend),
+                 lambda: make(op, tuple(shape), dtype, mode, bench.device),
+                 nbytes=min_bytes(op, mode, tuple(shape), itemsize))
 
 
 def test_bce_logits(benchmark, bench, image_shape, dtype, mode, impl):

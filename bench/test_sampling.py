@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from conftest import Batch, Bench, Case, op_step
+from conftest import Batch, Bench, Case
 
 import fastvae
 
@@ -69,24 +69,12 @@ def make_latent(
     return Batch((mu, logvar), grad_outputs)
 
 
-def impl_fn(op: str, impl: str, bench: Bench) -> Callable[..., object]:
-    if impl == "eager":
-        return EAGER[op]
-    if impl == "compile":
-        return bench.compile(EAGER[op])
-    return fastvae_fn(op, impl.replace("fastvae-", ""))
-
-
 def run_latent(op: str, benchmark, bench: Bench, latent, dtype, mode, impl) -> None:
     case = Case(op, mode, impl, dtype, tuple(latent))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bench.run(
-        benchmark,
-        case,
-        op_step(impl_fn(op, impl, bench), mode),
-        lambda: make_latent(latent, dtype, mode, op, bench.device),
-        nbytes=min_bytes(op, mode, case.numel, itemsize),
-    )
+    bench.run_op(benchmark, case, EAGER[op], lambda backend: fastvae_fn(op, backend),
+                 lambda: make_latent(latent, dtype, mode, op, bench.device),
+                 nbytes=min_bytes(op, mode, case.numel, itemsize))
 
 
 def test_sample(benchmark, bench, latent, dtype, mode, impl):
