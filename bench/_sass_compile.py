@@ -124,6 +124,38 @@ def build_source(fn: Any, spec: dict[str, Any], arch: int, ints: str) -> tuple[A
     return ASTSource(fn, signature, constexprs, attrs), target, options
 
 
+def jit_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The launch options as ``JITFunction.run`` hands them to the compiler: it adds ``debug`` and the
+    instrumentation mode before parsing them, and both are part of the compiled kernel's cache key."""
+    from triton import knobs
+
+    out = dict(options)
+    out.setdefault("debug", bool(knobs.runtime.debug))
+    compilation = getattr(knobs, "compilation", None)
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # the ones run() adds (3.6: the first)
+        if hasattr(compilation, name):
+            out.setdefault(name, getattr(compilation, name))
+    return out
+
+
+def cache_key(root: str, spec: dict[str, Any], arch: int, ints: str) -> str:
+    """The key under which a GPU launch of this specialization finds its kernel in the Triton cache."""
+    from triton.compiler.compiler import get_cache_invalidating_env_vars, make_backend
+    from triton.runtime.cache import get_cache_key
+
+    src, target, options = build_source(jit_function(root, spec), spec, arch, ints)
+    backend = make_backend(target)
+    return get_cache_key(src, backend, backend.parse_options(jit_options(options)),
+                         get_cache_invalidating_env_vars())
+
+
+def warm(root: str, spec: dict[str, Any], arch: int, ints: str) -> None:
+    """Compile one specialization into the Triton cache (``TRITON_CACHE_DIR``) under the key a GPU launch of
+    it looks up, so that the launch loads the cubin instead of compiling: no disassembly, no ptxas log."""
+    src, target, options = build_source(jit_function(root, spec), spec, arch, ints)
+    triton.compile(src, target=target, options=jit_options(options))
+
+
 def _tool(name: str) -> str:
     """Path of a CUDA tool shipped in the triton wheel (``nvdisasm``, ``ptxas-blackwell``, ...)."""
     from triton import knobs

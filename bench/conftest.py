@@ -2,7 +2,9 @@
 
 Run ``pytest bench/ --benchmark-only`` (add ``--benchmark-json FILE`` and ``python bench/report.py FILE`` for
 the table and the plot). The device is CUDA when there is one; ``FASTVAE_BENCH_DEVICE=cpu|cuda`` overrides it.
-``FASTVAE_BENCH_QUICK=1`` (and ``--benchmark-disable``, the CI smoke run) selects a tiny grid.
+``FASTVAE_BENCH_QUICK=1`` (and ``--benchmark-disable``, the CI smoke run) selects a tiny grid;
+``FASTVAE_BENCH_GRID=headline`` the few sizes of the headline numbers (2^26 elements on CUDA, fp32 and bf16),
+timed or not: ``ci/gpu.sh`` runs them once untimed in parallel to fill the compile caches, then timed.
 
 Every test is parametrized shape -> dtype -> mode -> impl, impl varying fastest, so the implementations of
 one case run back to back on the same input sets. A timed call is the op alone: inputs are made beforehand,
@@ -78,6 +80,13 @@ def is_quick(config: pytest.Config) -> bool:
     return benchmark_disabled(config) or os.environ.get("FASTVAE_BENCH_QUICK", "0") == "1"
 
 
+def grid_name(config: pytest.Config) -> str:
+    """"headline" (FASTVAE_BENCH_GRID=headline, timed or not), "quick" or "full"."""
+    if os.environ.get("FASTVAE_BENCH_GRID", "") == "headline":
+        return "headline"
+    return "quick" if is_quick(config) else "full"
+
+
 def _pow2_sizes(lo: int, hi: int, points: int) -> list[int]:
     """About ``points`` powers of two from 2^lo to 2^hi, evenly spaced in log scale."""
     exps = sorted({round(lo + (hi - lo) * i / max(points - 1, 1)) for i in range(points)})
@@ -99,9 +108,20 @@ class Grid:
     dtypes: list[torch.dtype]
 
 
+HEADLINE_EXP = 26  # the headline numbers are taken at 2^26 elements
+
+
 @functools.cache
-def grid_for(device_type: str, quick: bool) -> Grid:
-    if quick:
+def grid_for(device_type: str, name: str) -> Grid:
+    if name == "headline":
+        if device_type == "cuda":
+            # (2^20, 64) latents and (2^16, 1024) reconstructions: 2^26 elements each; the MLP VAE at the
+            # largest batch of the full grid
+            latent, recon = [(1 << (HEADLINE_EXP - 6), 64)], [(1 << (HEADLINE_EXP - 10), 1024)]
+            return Grid(latent, recon, [], [262144], [], [torch.float32, torch.bfloat16])
+        # the dry run of ci/gpu.sh on a CPU: the same tests at the quick sizes, fp32
+        return Grid([(256, 64)], [(64, 784)], [], [32], [], [torch.float32])
+    if name == "quick":
         return Grid([(256, 64)], [(64, 784)], [64], [32], [4], [torch.float32])
     if device_type == "cuda":
         latent = [(b, d) for d in (64, 512) for b in _pow2_sizes(10, _fill_exp(2 * d * 4), 5)]
@@ -129,7 +149,7 @@ def _size_id(v: int | tuple[int, ...]) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize by fixture name, outermost first: size, dtype, mode, impl."""
     device = bench_device()
-    grid = grid_for(device.type, is_quick(metafunc.config))
+    grid = grid_for(device.type, grid_name(metafunc.config))
     names = metafunc.fixturenames
     for name in ("latent", "recon", "elbo_batch", "mlp_batch", "conv_batch"):
         if name in names:
@@ -160,6 +180,7 @@ SESSION: dict[str, Any] = {
     "copy_gbps": None,
     "train_max_batch": {},
     "train_oom_batch": {},
+    "train_fit_batch": {},
     "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
 }
 
@@ -484,6 +505,8 @@ def add_speedups(rows: Sequence[dict]) -> None:
     medians = {(_case_key(r["extra_info"]), r["extra_info"].get("impl")): r["stats"]["median"] for r in rows}
     for r in rows:
         info = r["extra_info"]
+        if "op" not in info:  # the fit-batch rows: no timing to compare
+            continue
         for ref in ("eager", "compile"):
             m = medians.get((_case_key(info), ref))
             info[f"speedup_vs_{ref}"] = m / r["stats"]["median"] if m else None
@@ -521,4 +544,5 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_
         "env": environment(bench_device()),
         "train_max_batch": SESSION["train_max_batch"],
         "train_oom_batch": SESSION["train_oom_batch"],
+        "train_fit_batch": SESSION["train_fit_batch"],
     }

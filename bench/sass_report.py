@@ -5,6 +5,7 @@ on a machine without a GPU.
     python bench/sass_report.py --record FILE                             # record only (needs torch)
     python bench/sass_report.py --record FILE --strict -- PYTEST_ARGS     # a test pass, recorded
     python bench/sass_report.py --specs FILE --out DIR --check            # compile a recording (triton only)
+    python bench/sass_report.py --specs FILE --warm-cache DIR --arch 90   # fill a Triton cache ahead of a GPU run
 
 Recording runs the test suite under ``TRITON_INTERPRET=1`` with every kernel launch recorded (see
 ``_sass_record``): whatever kernels and constexpr modes the public API reaches are covered, with no list
@@ -142,6 +143,33 @@ def compile_all(specs: list[dict[str, Any]], root: str, archs: list[int], ints: 
     for (_, spec, arch, int_mode, _), res in zip(work, results):
         rows.append({"name": spec_name(spec), "arch": arch, "ints": int_mode, "spec": spec, **res})
     return rows
+
+
+def _warm_work(job: tuple[str, dict[str, Any], int, str]) -> dict[str, Any]:
+    import _sass_compile
+
+    root, spec, arch, ints = job
+    t0 = time.time()
+    try:
+        _sass_compile.warm(root, spec, arch, ints)
+        out: dict[str, Any] = {"ok": True}
+    except Exception as e:  # one kernel that fails here is compiled (and fails) at its launch instead
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:]}
+    return {"name": spec_name(spec), "ints": ints, **out, "seconds": round(time.time() - t0, 3)}
+
+
+def warm_cache(specs: list[dict[str, Any]], root: str, arch: int, ints: list[str], jobs: int,
+               cache_dir: str) -> list[dict[str, Any]]:
+    """Compile every specialization into ``cache_dir`` in ``jobs`` processes, as the JIT would at its first
+    launch on a GPU of compute capability ``arch`` (see ``_sass_compile.warm``)."""
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    # neither may differ from the GPU run's environment: cache-invalidating variables are part of the key
+    for var in ("TRITON_INTERPRET", "TRITON_DUMP_PTXAS_LOG"):
+        os.environ.pop(var, None)
+    work = [(root, s, arch, i) for s in specs for i in ints]
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(_warm_work, work, chunksize=1))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -350,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true",
                     help="with --record: run every launch and exit with pytest's code (a recorded test pass)")
     ap.add_argument("--cache-dir", help="triton cache to reuse (default: a fresh one)")
+    ap.add_argument("--warm-cache", metavar="DIR",
+                    help="with --specs: only compile into the Triton cache DIR (per-kernel seconds to --out)")
+    ap.add_argument("--limit", type=int, help="with --warm-cache: the first N specializations only")
     ap.add_argument("--dump-sass", action="store_true", help="also write each SASS listing under DIR/sass/")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root)
@@ -359,6 +390,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         return record(os.path.abspath(args.record), root, pytest_args, None if args.strict else run_programs,
                       args.strict)
+    if args.warm_cache:
+        if not args.specs:
+            ap.error("--warm-cache needs --specs")
+        with open(args.specs) as f:
+            specs = json.load(f)["specializations"][: args.limit]
+        ints = ["div16", "odd"] if args.ints == "both" else [args.ints]
+        t0 = time.time()
+        rows = warm_cache(specs, root, (args.arch or [90])[0], ints, args.jobs, os.path.abspath(args.warm_cache))
+        seconds = time.time() - t0
+        failed = [r for r in rows if not r["ok"]]
+        cpu = sum(r["seconds"] for r in rows)
+        import triton
+
+        summary = {"triton": triton.__version__, "arch": (args.arch or [90])[0], "ints": ints, "jobs": args.jobs,
+                   "compiles": len(rows), "failed": len(failed), "wall_seconds": round(seconds, 1),
+                   "compile_seconds": round(cpu, 1), "per_compile_seconds": round(cpu / max(len(rows), 1), 3)}
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            from _sass_record import dumps_rows
+
+            with open(os.path.join(args.out, "warm.json"), "w") as f:
+                f.write(dumps_rows(summary, "results", rows))
+        print(f"triton {triton.__version__}: warmed {len(rows) - len(failed)}/{len(rows)} kernels for sm_"
+              f"{summary['arch']} in {seconds:.0f} s ({cpu:.0f} s of compiles on {args.jobs} processes, "
+              f"{summary['per_compile_seconds']:.2f} s each) -> {args.warm_cache}", file=sys.stderr)
+        for r in failed[:5]:
+            print(f"not warmed {r['name']} ({r['ints']}): {r['error'].splitlines()[0][:300]}", file=sys.stderr)
+        return 0
     if not args.out:
         ap.error("--out is required unless --record is given")
     os.makedirs(args.out, exist_ok=True)

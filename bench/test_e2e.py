@@ -5,16 +5,21 @@ on CPU), and torch.compile of the eager model + loss.
 Two models: an MLP VAE on 784-dim inputs (2 x 512 hidden, latent 64) and a small conv VAE on 3 x 64 x 64
 images (4 stride-2 convs, latent 128). On CUDA the process is capped at 70 GB: a batch that does not fit is
 skipped, and the largest batch that fits, per model and implementation, goes into the JSON.
+
+``test_mlp_vae_fit_batch`` finds the largest MLP VAE batch each implementation fits in one fixed memory
+(CUDA: the 70 GB cap, by trying steps; CPU: the profiler's peak of a step against ``FIT_CPU_BYTES``), by
+doubling and then bisection. Its torch.compile is dynamic: one compile across all the batch sizes tried.
 """
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Batch, Bench, Case
+from conftest import Batch, Bench, Case, _cpu_peak_bytes, _is_oom, is_quick
 from torch import nn
 
 import fastvae
@@ -134,3 +139,70 @@ def test_mlp_vae(benchmark, bench, train_limits, mlp_batch, train_impl):
 
 def test_conv_vae(benchmark, bench, train_limits, conv_batch, train_impl):
     run_train("conv_vae", ConvVAE, benchmark, bench, conv_batch, train_impl, train_limits)
+
+
+FIT_CPU_BYTES = 1 << 30  # the CPU's fixed memory for the fit search (the quick grid: 32 MiB)
+FIT_RESOLUTION = 16  # bisect until the bracket is 1/16 of the batch
+
+
+def _fits(model: nn.Module, step: Callable[[Batch], None], batch: int, device: torch.device, cap: int) -> bool:
+    """One training step at ``batch``: True if it ran (CUDA, under the process's memory cap) or if its peak,
+    inputs included, stays within ``cap`` bytes (CPU)."""
+    try:
+        x = Batch((torch.rand(batch, *model.shape, device=device),))
+        if device.type == "cuda":
+            step(x)
+            torch.cuda.synchronize(device)
+            return True
+        return x.nbytes() + _cpu_peak_bytes(lambda: step(x)) <= cap
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        return False
+    finally:
+        x = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fit_batch(fits: Callable[[int], bool], start: int, limit: int) -> tuple[int, int]:
+    """(largest batch that fits, tries): doubling from ``start`` until a batch does not fit (or ``limit``),
+    then bisection down to 1/FIT_RESOLUTION of the batch. 0 when ``start`` itself does not fit."""
+    tries, lo, hi = 0, 0, start
+    while hi <= limit:
+        tries += 1
+        if not fits(hi):
+            break
+        lo, hi = hi, 2 * hi
+    if lo == 0 or hi > limit:
+        return lo, tries
+    while hi - lo > max(1, lo // FIT_RESOLUTION):
+        mid = (lo + hi) // 2
+        tries += 1
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, tries
+
+
+def test_mlp_vae_fit_batch(benchmark, bench, train_limits, train_impl, pytestconfig):
+    """The largest MLP VAE training batch of each implementation in one fixed memory (not timed)."""
+    torch.manual_seed(0)
+    model = MLPVAE().to(bench.device)
+    loss_fn = {"eager": eager_loss, "fastvae": fastvae_loss}.get(train_impl) or torch.compile(
+        eager_loss, dynamic=True
+    )
+    step = train_step(model, loss_fn)
+    step(Batch((torch.rand(2, *model.shape, device=bench.device),)))  # Adam's state exists before the search
+    cuda = bench.device.type == "cuda"
+    quick = is_quick(pytestconfig)
+    cap = FIT_CPU_BYTES >> (5 if quick else 0)
+    # the quick grid (the dry run of ci/gpu.sh) only shows the search works: a few tries, each a profiled step
+    start, limit = (1 << 18, 1 << 26) if cuda else (1 << 6, 1 << (9 if quick else 20))
+    best, tries = fit_batch(lambda b: _fits(model, step, b, bench.device, cap), start, limit)
+    memory = f"{torch.cuda.get_device_properties(bench.device).total_memory:.3g} B card, 70 GB cap" if cuda \
+        else f"{cap} B of step peak"
+    train_limits["train_fit_batch"].setdefault("mlp_vae", {})[train_impl] = best
+    benchmark.extra_info.update(fit_batch=best, fit_tries=tries, fit_memory=memory, impl=train_impl)
+    # pytest-benchmark needs one call to keep this row (it has no "op": the report's tables leave it out)
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert best > 0, f"{train_impl}: batch {start} does not fit in {memory}"

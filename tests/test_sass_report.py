@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import _sass_parse as sp  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
@@ -271,3 +272,59 @@ def test_recorder_keys_on_what_the_jit_specializes():
     assert first["args"]["BLOCK"] == {"kind": "constexpr", "value": 128}
     assert first["options"] == {"num_warps": 4} and first["launches"] == 2 and first["max_programs"] == 32
     assert rec.arg_kind(2**40) == {"kind": "int", "type": "i64", "one": False}
+
+
+def _jit_launch_key(jit, args, kwargs, arch=90):
+    """The cache key ``JITFunction.run`` computes for a launch on a GPU of ``arch``, as its code does it
+    (the binder on the real arguments, then ``_pack_args``), with the target given instead of asked of a
+    driver."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, get_cache_invalidating_env_vars, make_backend
+    from triton.runtime.cache import get_cache_key
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
+    return get_cache_key(ASTSource(jit, signature, constexprs, attrs), backend, options,
+                         get_cache_invalidating_env_vars())
+
+
+@pytest.mark.parametrize("n", [4096, 4099])
+def test_warm_cache_key_is_the_launch_key(monkeypatch, n):
+    """ci/gpu.sh compiles the recorded specializations into the Triton cache before its tests: each must land
+    under the key that the real launch (fastvae's own kernel object, real tensors) looks up, or the tests
+    compile every kernel again."""
+    import _sass_compile
+    import _sass_record as rec
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    import fastvae._triton as ft
+
+    launches = []
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, dict(kwargs)))
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(JITFunction, "run", capture)
+    x, t = torch.randn(n), torch.randn(n)
+    with pytest.raises(RuntimeError, match="captured"):
+        ft.gaussian_nll(x, t, torch.rand(n) + 0.5, logvar_form=False, full=False, eps=1e-6, reduction="mean",
+                        out_dtype=torch.float32)
+    (jit, args, kwargs), = launches
+    recorder = rec.Recorder(ROOT, only=os.path.join(ROOT, "kernels"))
+    recorder.record(jit.fn, args, kwargs, (1,))
+    spec = next(iter(recorder.specs.values()))
+    ints = "div16" if n % 16 == 0 else "odd"
+    assert _sass_compile.cache_key(ROOT, spec, 90, ints) == _jit_launch_key(jit, args, kwargs)
+    other = "odd" if ints == "div16" else "div16"  # the key does see the divisibility of the size
+    assert _sass_compile.cache_key(ROOT, spec, 90, other) != _jit_launch_key(jit, args, kwargs)
