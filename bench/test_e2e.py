@@ -19,6 +19,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from _fit import fit_batch
 from conftest import Batch, Bench, Case, _cpu_peak_bytes, _is_oom, is_quick
 from torch import nn
 
@@ -142,7 +143,6 @@ def test_conv_vae(benchmark, bench, train_limits, conv_batch, train_impl):
 
 
 FIT_CPU_BYTES = 1 << 30  # the CPU's fixed memory for the fit search (the quick grid: 32 MiB)
-FIT_RESOLUTION = 16  # bisect until the bracket is 1/16 of the batch
 
 
 def _fits(model: nn.Module, step: Callable[[Batch], None], batch: int, device: torch.device, cap: int) -> bool:
@@ -164,24 +164,6 @@ def _fits(model: nn.Module, step: Callable[[Batch], None], batch: int, device: t
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def fit_batch(fits: Callable[[int], bool], start: int, limit: int) -> tuple[int, int]:
-    """(largest batch that fits, tries): doubling from ``start`` until a batch does not fit (or ``limit``),
-    then bisection down to 1/FIT_RESOLUTION of the batch. 0 when ``start`` itself does not fit."""
-    tries, lo, hi = 0, 0, start
-    while hi <= limit:
-        tries += 1
-        if not fits(hi):
-            break
-        lo, hi = hi, 2 * hi
-    if lo == 0 or hi > limit:
-        return lo, tries
-    while hi - lo > max(1, lo // FIT_RESOLUTION):
-        mid = (lo + hi) // 2
-        tries += 1
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, tries
 
 
 def test_mlp_vae_fit_batch(benchmark, bench, train_limits, train_impl, pytestconfig):

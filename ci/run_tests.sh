@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: the op suite on the eager reference, the same suite again on the Triton
 # kernels under the interpreter (TRITON_INTERPRET must be set before triton is imported, hence a separate
-# process; the recorder sets it), and a smoke run of the benchmarks.
+# process; the recorder sets it), and the dry run of ci/gpu.sh, which smoke-runs the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pytest -q tests
@@ -11,4 +11,6 @@ python bench/sass_report.py --record "${FASTVAE_SPECS:-$(mktemp -t fastvae-specs
     -q -m "not torch_only" \
     tests/test_functional.py tests/test_nn.py tests/test_torch_parity.py tests/test_triton.py \
     tests/test_amp.py tests/test_iwae.py tests/test_likelihoods.py
-python -m pytest -q bench --benchmark-disable
+# the dry run of the one GPU call (ci/gpu.sh): every phase on this CPU at small sizes, its packing checked;
+# its last phase is the smoke run of every benchmark (each body once, torch.compile left to its headline cases)
+bash ci/gpu.sh --dry-run --install shim --budget 420
