@@ -16,7 +16,8 @@ from . import common
 from .common import Reduction, grad_dtype, launch_config
 
 KIND_LOGISTIC, KIND_GAUSSIAN = 0, 1
-TILE = 512  # pixels x padded components a program holds in registers (4 warps: 4 per thread per tile)
+TILE = 256  # pixels x padded components a program holds in registers: 2 a thread at 4 warps (sm_90: 512
+# spills at M = 10, three channels and the gradient; bench/sass_report.py)
 
 
 def _geometry(x: Tensor, channels_first: bool) -> "tuple[tuple[int, ...], int, int]":
