@@ -304,6 +304,16 @@ def test_dmol_errors(backend, device):
         nll(x, p.tolist(), num_mixtures=5, backend=backend)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "per_sample"])
+def test_dmol_empty_batch(reduction, backend, device):
+    p = torch.randn(0, 3, 4, 50, device=device, requires_grad=True)
+    out = fastvae.discretized_mix_logistic_nll(torch.zeros(0, 3, 4, 3, device=device), p, num_mixtures=5,
+                                               reduction=reduction, backend=backend)
+    assert out.shape == {"none": (0, 3, 4), "sum": (), "per_sample": (0,)}[reduction]
+    out.sum().backward()
+    assert p.grad.shape == p.shape and (out == 0).all()
+
+
 def test_dmol_gradient_of_images_takes_the_eager_path(backend, device):
     x = _images(2, 3, 4, 3, "channels_last").requires_grad_()
     p = _params(2, 3, 4, 3, 5, "channels_last").to(device).requires_grad_()

@@ -62,7 +62,7 @@ def _unpack(params: Tensor, num_mixtures: int, channels: int):
     """(logits (..., M), means, log_scales (clamped), coeffs (tanh) each (..., C, M)) from channels-last params."""
     m = num_mixtures
     logits = params[..., :m]
-    rest = params[..., m:].reshape(*params.shape[:-1], channels, -1)
+    rest = params[..., m:].reshape(*params.shape[:-1], channels, (params.shape[-1] - m) // channels)
     means = rest[..., :m]
     log_scales = torch.clamp(rest[..., m:2 * m], min=LOG_SCALE_MIN)
     coeffs = torch.tanh(rest[..., 2 * m:3 * m]) if channels == 3 else None
