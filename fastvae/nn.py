@@ -239,3 +239,21 @@ class ELBOLoss(torch.nn.Module):
         if pi_logits is None:
             raise ValueError("likelihood='zinb' needs pi_logits")
         return F.zinb_nll(x, x_hat, theta, pi_logits, reduction=red, backend=backend)
+
+
+class DiscretizedMixLogisticNLLLoss(torch.nn.Module):
+    """-log of the discretized mixture of logistics (``fastvae.discretized_mix_logistic_nll``):
+    ``forward(x, params)``."""
+
+    def __init__(self, num_mixtures: int, *, bits: int = 8, layout: str = "channels_last",
+                 reduction: str = "per_sample", backend=None):
+        super().__init__()
+        self.num_mixtures, self.bits, self.layout = num_mixtures, bits, layout
+        self.reduction, self.backend = check_reduction(reduction), backend
+
+    def forward(self, x: Tensor, params: Tensor) -> Tensor:
+        return F.discretized_mix_logistic_nll(x, params, num_mixtures=self.num_mixtures, bits=self.bits,
+                                              layout=self.layout, reduction=self.reduction, backend=self.backend)
+
+
+__all__ += ["DiscretizedMixLogisticNLLLoss"]

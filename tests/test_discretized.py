@@ -304,6 +304,15 @@ def test_dmol_errors(backend, device):
         nll(x, p.tolist(), num_mixtures=5, backend=backend)
 
 
+def test_module(backend, device):
+    x = _images(2, 3, 4, 3, "channels_first")
+    p = _params(2, 3, 4, 3, 5, "channels_first").to(device)
+    loss = fastvae.nn.DiscretizedMixLogisticNLLLoss(5, layout="channels_first", reduction="sum", backend=backend)
+    torch.testing.assert_close(loss(x, p), fastvae.discretized_mix_logistic_nll(
+        x, p, num_mixtures=5, layout="channels_first", reduction="sum", backend=backend))
+    assert not list(loss.parameters()) and not loss.state_dict()
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "per_sample"])
 def test_dmol_empty_batch(reduction, backend, device):
     p = torch.randn(0, 3, 4, 50, device=device, requires_grad=True)
