@@ -370,7 +370,7 @@ def test_sampler_histogram_matches_bin_probabilities(channels, layout, backend):
     Channel 0 is the one whose conditional the likelihood and the sampler share: the sampler's chain uses the
     unrounded x_0, the likelihood the bin's."""
     scipy_stats = pytest.importorskip("scipy.stats")
-    n, m, bits = 4000, 3, 3
+    n, m, bits = 3000, 3, 3
     p = _fixed_mixture(n, channels, layout, m)
     x = fastvae.sample_discretized_mix_logistic(p, num_mixtures=m, channels=channels, layout=layout,
                                                 backend=backend)
