@@ -29,16 +29,16 @@ from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the op suite of the interpreter pass (ci/run_tests.sh), run on CUDA on its FASTVAE_TEST_SUBSET
-OP_TESTS = ["tests/test_functional.py", "tests/test_nn.py", "tests/test_torch_parity.py", "tests/test_triton.py",
-            "tests/test_amp.py", "tests/test_iwae.py", "tests/test_likelihoods.py"]
+with open(os.path.join(ROOT, "ci", "op_tests.txt")) as _f:
+    OP_TESTS = [ln.strip() for ln in _f if ln.strip()]
 # correctness only a GPU shows: > 2^31 elements, graph replay, no host sync; inductor over the Triton ops
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton.py::test_compile_fullgraph_training_step"]
 HEADLINE_FILES = ["bench/test_sampling.py", "bench/test_gaussian_nll.py", "bench/test_e2e.py"]
 HEADLINE_K = "test_sample_kl or test_nll_var_scalar or test_nll_var or test_nll_logvar or test_mlp_vae"
 HEADLINE_OPS = ("sample_kl", "nll_var_scalar", "nll_var", "nll_logvar")
 # the rest of the benchmarks, one pytest process (and JSON) per file: a file cut short loses only itself
-REST_FILES = ["bench/test_likelihoods.py", "bench/test_iwae.py", "bench/test_elbo.py", "bench/test_sampling.py",
-              "bench/test_gaussian_nll.py", "bench/test_e2e.py"]
+REST_FILES = ["bench/test_likelihoods.py", "bench/test_discretized.py", "bench/test_iwae.py", "bench/test_elbo.py",
+              "bench/test_sampling.py", "bench/test_gaussian_nll.py", "bench/test_e2e.py"]
 RECORDING = "bench/results/sass/specializations.json"
 # what the device tool brings back from $OUT
 OUT_MAX_FILES, OUT_MAX_BYTES, OUT_MAX_DEPTH = 8, 16 << 20, 2

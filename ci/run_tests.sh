@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 python -m pytest -q tests
 # pytest runs inside the launch recorder: every kernel specialization the pass launches is written to
 # $FASTVAE_SPECS (default: a temp file), which ci/compile_check.sh compiles for sm_90
+# the op suite of the Triton pass, one file a line (ci/gpu.sh runs the same list on CUDA)
+mapfile -t OP_TESTS < ci/op_tests.txt
 python bench/sass_report.py --record "${FASTVAE_SPECS:-$(mktemp -t fastvae-specs.XXXXXX)}" --strict -- \
-    -q -m "not torch_only" \
-    tests/test_functional.py tests/test_nn.py tests/test_torch_parity.py tests/test_triton.py \
-    tests/test_amp.py tests/test_iwae.py tests/test_likelihoods.py
+    -q -m "not torch_only" "${OP_TESTS[@]}"
 # the dry run of the one GPU call (ci/gpu.sh): every phase on this CPU at small sizes, its packing checked;
 # its last phase is the smoke run of every benchmark (each body once, torch.compile left to its headline cases)
 bash ci/gpu.sh --dry-run --install shim --budget 420

@@ -36,3 +36,13 @@ __all__ = [
 ]
 __all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
 __all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]
+from .functional import (  # noqa: E402
+    bits_per_dim,
+    discretized_gaussian_nll,
+    discretized_logistic_nll,
+    discretized_mix_logistic_nll,
+    sample_discretized_mix_logistic,
+)
+
+__all__ += ["bits_per_dim", "discretized_gaussian_nll", "discretized_logistic_nll",
+            "discretized_mix_logistic_nll", "sample_discretized_mix_logistic"]

@@ -45,10 +45,17 @@ class VAE(nn.Module):
     decoder: nn.Module  # z -> x_hat before the sigmoid
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool, backend=None,
-                 logits: bool = False):
+                 logits: bool = False, num_mixtures: int | None = None):
         super().__init__()
         self.image_shape, self.latent_dim, self.backend = tuple(image_shape), latent_dim, backend
         self.logits = logits  # the decoder gives Bernoulli logits (no sigmoid) instead of a Gaussian mean
+        # num_mixtures: the decoder gives the params of a discretized mixture of logistics per pixel
+        self.num_mixtures = num_mixtures
+        if num_mixtures is not None:
+            self.logits = True  # raw decoder output
+        c = image_shape[0]
+        self.out_shape = self.image_shape if num_mixtures is None else (
+            num_mixtures * (10 if c == 3 else 3), *self.image_shape[1:])
         self.logvar_x = nn.Parameter(torch.full(self.image_shape, LOGVAR_X_INIT)) if learned_var else None
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,7 +87,13 @@ class VAE(nn.Module):
         return VAEOutput(x_hat.unflatten(0, z.shape[:2]), logvar_x, mu, logvar, None, log_ratio)
 
     def mean(self, x_hat: Tensor) -> Tensor:
-        """The mean of p(x|z) from the decoder's output: the Bernoulli probabilities for logits."""
+        """The mean of p(x|z) from the decoder's output: the Bernoulli probabilities for logits; for a mixture
+        of logistics the mixture weights' average of channel 0's means (coefficients left out), in [0, 1]."""
+        if self.num_mixtures is not None:
+            m = self.num_mixtures
+            w = torch.softmax(x_hat[:, :m], dim=1)
+            return (((w * x_hat[:, m:2 * m]).sum(1, keepdim=True).clamp(-1, 1) + 1) / 2).expand(
+                -1, self.image_shape[0], -1, -1)
         return torch.sigmoid(x_hat) if self.logits else x_hat
 
     @torch.no_grad()
@@ -95,9 +108,10 @@ class MLPVAE(VAE):
     """Fully connected encoder and decoder on the flattened image."""
 
     def __init__(self, image_shape=(1, 28, 28), latent_dim: int = 16, hidden: tuple[int, ...] = (512, 256),
-                 learned_var: bool = False, backend=None, logits: bool = False):
-        super().__init__(image_shape, latent_dim, learned_var, backend, logits)
+                 learned_var: bool = False, backend=None, logits: bool = False, num_mixtures: int | None = None):
+        super().__init__(image_shape, latent_dim, learned_var, backend, logits, num_mixtures)
         features = image_shape[0] * image_shape[1] * image_shape[2]
+        out_features = self.out_shape[0] * self.out_shape[1] * self.out_shape[2]
         enc: list[nn.Module] = [nn.Flatten()]
         for d_in, d_out in zip((features, *hidden), hidden):
             enc += [nn.Linear(d_in, d_out), nn.SiLU()]
@@ -105,7 +119,7 @@ class MLPVAE(VAE):
         dec: list[nn.Module] = []
         for d_in, d_out in zip((latent_dim, *hidden[::-1]), hidden[::-1]):
             dec += [nn.Linear(d_in, d_out), nn.SiLU()]
-        self.decoder = nn.Sequential(*dec, nn.Linear(hidden[0], features), nn.Unflatten(1, self.image_shape))
+        self.decoder = nn.Sequential(*dec, nn.Linear(hidden[0], out_features), nn.Unflatten(1, self.out_shape))
 
 
 class ConvVAE(VAE):
@@ -114,9 +128,10 @@ class ConvVAE(VAE):
     8 x 8 digits take one conv, 28 x 28 MNIST three (28 -> 14 -> 7 -> 3), 64 x 64 images four."""
 
     def __init__(self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, latent_dim: int = 16,
-                 width: int = 32, learned_var: bool = False, backend=None, logits: bool = False):
+                 width: int = 32, learned_var: bool = False, backend=None, logits: bool = False,
+                 num_mixtures: int | None = None):
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        super().__init__((in_channels, h, w), latent_dim, learned_var, backend, logits)
+        super().__init__((in_channels, h, w), latent_dim, learned_var, backend, logits, num_mixtures)
         if min(h, w) < 8:
             raise ValueError(f"ConvVAE needs images of at least 8 x 8 pixels, got {h} x {w}")
         sizes = [(h, w)]  # spatial size after each conv: k=4, s=2, p=1 maps n to n // 2
@@ -131,7 +146,8 @@ class ConvVAE(VAE):
         for i in reversed(range(n)):
             # a transposed conv with k=4, s=2, p=1 maps n to 2n + output_padding: pads odd sizes back up
             pad = (sizes[i][0] - 2 * sizes[i + 1][0], sizes[i][1] - 2 * sizes[i + 1][1])
-            dec += [nn.ConvTranspose2d(chans[i + 1], chans[i], 4, 2, 1, output_padding=pad), nn.SiLU()]
+            c_out = chans[i] if i else self.out_shape[0]
+            dec += [nn.ConvTranspose2d(chans[i + 1], c_out, 4, 2, 1, output_padding=pad), nn.SiLU()]
         dec.pop()  # no activation after the last layer: decode() applies the sigmoid
         flat = chans[-1] * sizes[-1][0] * sizes[-1][1]
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, 2 * latent_dim))
@@ -140,11 +156,14 @@ class ConvVAE(VAE):
 
 
 def build_model(kind: str, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool = False,
-                backend=None, logits: bool = False) -> VAE:
-    """``kind`` "mlp" or "conv", for images of ``image_shape`` = (C, H, W); ``logits``: a Bernoulli decoder."""
+                backend=None, logits: bool = False, num_mixtures: int | None = None) -> VAE:
+    """``kind`` "mlp" or "conv", for images of ``image_shape`` = (C, H, W); ``logits``: a Bernoulli decoder;
+    ``num_mixtures``: a decoder of discretized mixture-of-logistics params."""
     if kind == "mlp":
-        return MLPVAE(image_shape, latent_dim, learned_var=learned_var, backend=backend, logits=logits)
+        return MLPVAE(image_shape, latent_dim, learned_var=learned_var, backend=backend, logits=logits,
+                      num_mixtures=num_mixtures)
     if kind == "conv":
         c, h, w = image_shape
-        return ConvVAE(c, (h, w), latent_dim, learned_var=learned_var, backend=backend, logits=logits)
+        return ConvVAE(c, (h, w), latent_dim, learned_var=learned_var, backend=backend, logits=logits,
+                       num_mixtures=num_mixtures)
     raise ValueError(f"model must be 'mlp' or 'conv', got {kind!r}")

@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 LIKELIHOODS = ("gaussian", "gaussian-learned-var", "bernoulli", "poisson", "nb", "zinb")
+LIKELIHOODS += ("dmol",)
 
 
 class GaussianNLLLoss(torch.nn.Module):
@@ -131,6 +132,8 @@ class ELBOLoss(torch.nn.Module):
     ``likelihood="poisson"``: x_hat is the log-rate of counts x (``full`` adds Stirling's log x!).
     ``likelihood="nb"``: x_hat is the NB mean of counts x, ``theta`` (inverse dispersion, e.g. one per
     feature) passed to forward. ``likelihood="zinb"``: also ``pi_logits``, the dropout logits.
+    ``likelihood="dmol"``: x_hat are the params (B, 3 or 10 ``num_mixtures``, H, W) of a discretized mixture
+    of logistics over 8-bit images x in [0, 1] (rounded to 8 bits and mapped to [-1, 1]; channels first).
     ``free_bits=lambda``: each latent dim's batch-mean KL counts as at least lambda nats (Kingma et al. 2016),
     so the encoder is not pushed to collapse unused dims. ``beta_schedule(step) -> beta`` is called with the
     count of ``step()`` calls (e.g. a KL warm-up); without it ``beta`` is constant. The step count is part of
@@ -153,8 +156,10 @@ class ELBOLoss(torch.nn.Module):
         full: bool = False,
         reduction: str = "batchmean",
         backend=None,
+        num_mixtures: int = 10,
     ):
         super().__init__()
+        self.num_mixtures = num_mixtures
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
         if free_bits < 0:
@@ -221,6 +226,10 @@ class ELBOLoss(torch.nn.Module):
             return F.gaussian_nll_loss_logvar(x_hat, x, logvar_x, self.full, reduction=red, backend=backend)
         if lik == "bernoulli":
             return F.binary_cross_entropy_with_logits(x_hat, x, reduction=red, backend=backend)
+        if lik == "dmol":
+            x8 = torch.round(x * 255.0) / 127.5 - 1.0  # 8-bit levels in [-1, 1]
+            return F.discretized_mix_logistic_nll(x8, x_hat, num_mixtures=self.num_mixtures, layout="channels_first",
+                                                  reduction=red, backend=backend)
         if lik == "poisson":
             return F.poisson_nll_loss(x_hat, x, log_input=True, full=self.full, reduction=red, backend=backend)
         if theta is None:
@@ -230,3 +239,21 @@ class ELBOLoss(torch.nn.Module):
         if pi_logits is None:
             raise ValueError("likelihood='zinb' needs pi_logits")
         return F.zinb_nll(x, x_hat, theta, pi_logits, reduction=red, backend=backend)
+
+
+class DiscretizedMixLogisticNLLLoss(torch.nn.Module):
+    """-log of the discretized mixture of logistics (``fastvae.discretized_mix_logistic_nll``):
+    ``forward(x, params)``."""
+
+    def __init__(self, num_mixtures: int, *, bits: int = 8, layout: str = "channels_last",
+                 reduction: str = "per_sample", backend=None):
+        super().__init__()
+        self.num_mixtures, self.bits, self.layout = num_mixtures, bits, layout
+        self.reduction, self.backend = check_reduction(reduction), backend
+
+    def forward(self, x: Tensor, params: Tensor) -> Tensor:
+        return F.discretized_mix_logistic_nll(x, params, num_mixtures=self.num_mixtures, bits=self.bits,
+                                              layout=self.layout, reduction=self.reduction, backend=self.backend)
+
+
+__all__ += ["DiscretizedMixLogisticNLLLoss"]

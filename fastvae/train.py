@@ -114,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model and loss")
     model.add_argument("--model", default="mlp", choices=("mlp", "conv"), help="see fastvae/models.py")
     model.add_argument("--latent-dim", type=_positive_int, default=8, metavar="N", help="2: also latent.png")
-    model.add_argument("--likelihood", default="gaussian", choices=("gaussian", "gaussian-learned-var", "bernoulli"),
-                       help="p(x|z) = N(x_hat, --var), or with a learned variance per pixel")
+    model.add_argument("--likelihood", default="gaussian",
+                       choices=("gaussian", "gaussian-learned-var", "bernoulli", "dmol"),
+                       help="p(x|z) = N(x_hat, --var), or with a learned variance per pixel; dmol: a "
+                            "discretized mixture of logistics over 8-bit pixels (bits/dim reported)")
+    model.add_argument("--num-mixtures", type=_positive_int, default=10, metavar="M",
+                       help="logistic components per pixel for --likelihood dmol")
     model.add_argument("--var", type=_positive_float, default=0.02, help="the fixed variance of p(x|z)")
     model.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL term")
     model.add_argument("--objective", default="elbo", choices=("elbo", "iwae"),
@@ -401,6 +405,8 @@ def summary_table(history: list[dict]) -> str:
             ("held-out ELBO", "test_elbo", "{:.2f}"), ("recon", "test_recon", "{:.2f}"),
             ("KL", "test_kl", "{:.2f}"), ("beta", "beta", "{:.2f}"), ("images/s", "images_per_s", "{:,.0f}"),
             ("peak MiB", "peak_mem_mb", "{:,.0f}")]
+    if history and "test_bpd" in history[0]:
+        cols.insert(5, ("bits/dim", "test_bpd", "{:.3f}"))
     rows = history if len(history) <= 12 else [history[round(i * (len(history) - 1) / 11)] for i in range(12)]
     cells = [[name for name, _, _ in cols]] + [[fmt.format(m[key]) for _, key, fmt in cols] for m in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
@@ -456,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
     backend = "torch" if args.backend == "torch" else ("triton" if device.type == "cuda" or interpreting() else None)
     model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim,
                         learned_var=args.likelihood == "gaussian-learned-var", logits=args.likelihood == "bernoulli",
-                        backend=backend).to(device)
+                        backend=backend,
+                        num_mixtures=args.num_mixtures if args.likelihood == "dmol" else None).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = torch.utils.data.DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
                                                   shuffle=True, seed=args.seed, drop_last=True)
@@ -467,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     kl_steps = _to_steps(args.kl_warmup, steps_per_epoch)
     schedule = (lambda step: args.beta * min(1.0, step / kl_steps)) if kl_steps > 0 else None
     loss_fn = ELBOLoss(likelihood=args.likelihood, var=args.var, beta=args.beta, free_bits=args.free_bits,
-                       beta_schedule=schedule, full=True, backend=backend)
+                       beta_schedule=schedule, full=True, backend=backend, num_mixtures=args.num_mixtures)
     history, start = [], 1
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -527,6 +534,9 @@ def run(args: argparse.Namespace) -> int:
         metrics = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v for k, v in train.items()},
                    **{f"test_{k}": v for k, v in test.items()}, "beta": state["beta"],
                    "lr": opt.param_groups[0]["lr"], **speed, "peak_mem_mb": mem, "world_size": world}
+        if args.likelihood == "dmol":  # the negative ELBO of the 8-bit images in bits per dim
+            metrics["train_bpd"], metrics["test_bpd"] = (
+                -metrics[f"{k}_elbo"] / (math.prod(x_train.shape[1:]) * math.log(2.0)) for k in ("train", "test"))
         history.append(metrics)
         if rank == 0:
             log_px = f"  log p(x) ~ {test['log_px']:8.2f}" if "log_px" in test else ""
@@ -555,6 +565,8 @@ def run(args: argparse.Namespace) -> int:
             best = max(history, key=lambda m: m["test_elbo"])
             print(f"best held-out ELBO {best['test_elbo']:.2f} nats at epoch {best['epoch']}; "
                   f"{time.perf_counter() - t_start:.1f} s; files in {out}")
+            if "test_bpd" in best:
+                print(f"held-out negative ELBO {best['test_bpd']:.3f} bits/dim (8-bit pixels)")
             if "test_log_px" in history[-1]:
                 print(f"held-out log p(x) ~ {history[-1]['test_log_px']:.2f} nats (K = {args.eval_samples} "
                       "importance samples an image), the ELBO's bound tightened")

@@ -17,3 +17,7 @@ from .sampling import sample_kl, sample_log_weights
 __all__ = ["common", "gaussian_nll", "nll_supported", "sample_kl"]
 __all__ += ["bce_supported", "bce_with_logits", "nb_nll", "nb_supported", "poisson_nll"]
 __all__ += ["sample_log_weights"]
+from . import discretized  # noqa: E402
+from .discretized import discretized_nll, dmol_nll, sample_dmol  # noqa: E402
+
+__all__ += ["discretized", "discretized_nll", "dmol_nll", "sample_dmol"]

@@ -29,3 +29,12 @@ __all__ = [
 ]
 __all__ += ["bce_with_logits", "negative_binomial_nll", "poisson_nll", "zinb_nll"]
 __all__ += ["iwae_bound", "sample_log_weights"]
+from .discretized import (  # noqa: E402
+    discretized_gaussian_nll,
+    discretized_logistic_nll,
+    discretized_mix_logistic_nll,
+    sample_discretized_mix_logistic,
+)
+
+__all__ += ["discretized_gaussian_nll", "discretized_logistic_nll", "discretized_mix_logistic_nll",
+            "sample_discretized_mix_logistic"]
