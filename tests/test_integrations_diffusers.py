@@ -74,6 +74,21 @@ def test_moved_name_says_which_and_versions(monkeypatch):
         fv_diffusers.apply()
 
 
+def _video_model():
+    """A video VAE (5-D posteriors: (B, 2C, T, H, W)), where diffusers has one (Wan's, from 0.33)."""
+    if not hasattr(diffusers, "AutoencoderKLWan"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no AutoencoderKLWan")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                      temperal_downsample=[False], latents_mean=[0.0] * 4,
+                                      latents_std=[1.0] * 4).to(DEVICE)
+
+
+# model, input shape, the posterior's kl()/nll() shape: diffusers sums dims 1-3, so (B, W) for video
+MODELS = {"AutoencoderKL": (_model, (2, 3, 16, 16), (2,)), "AutoencoderKLWan": (_video_model, (1, 3, 1, 16, 16),
+                                                                              (1, 8))}
+
+
 def _encode(model, x):
     return model.encode(x).latent_dist
 
@@ -82,13 +97,16 @@ def _grads(model):
     return [p.grad.clone() if p.grad is not None else None for p in model.encoder.parameters()]
 
 
-def test_posterior_equals_diffusers(patched):
-    """Each method of the posterior of a real AutoencoderKL, patched against unpatched, values and encoder
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_posterior_equals_diffusers(kind, patched):
+    """Each method of the posterior of a real diffusers VAE, patched against unpatched, values and encoder
     gradients."""
-    model = _model()
-    x = torch.rand(2, 3, 16, 16, device=DEVICE)
-    x_other = torch.rand(2, 3, 16, 16, device=DEVICE)
-    target = torch.randn(2, 4, 8, 8, device=DEVICE)
+    build, x_shape, out_shape = MODELS[kind]
+    model = build()
+    x = torch.rand(x_shape, device=DEVICE)
+    x_other = torch.rand(x_shape, device=DEVICE)
+    with torch.no_grad():
+        target = torch.randn(_encode(model, x).mean.shape, device=DEVICE)
     results = {}
     for name in ("ours", "theirs"):
         if name == "theirs":
@@ -104,7 +122,7 @@ def test_posterior_equals_diffusers(patched):
             z = post.mean + post.std * results["eps"]
         outs = {"sample": z, "kl": post.kl(), "kl_other": post.kl(other), "nll": post.nll(target),
                 "mode": post.mode()}
-        assert outs["kl"].shape == outs["kl_other"].shape == outs["nll"].shape == (2,)
+        assert outs["kl"].shape == outs["kl_other"].shape == outs["nll"].shape == out_shape
         grads = {}
         for key, out in outs.items():
             model.zero_grad()
@@ -125,7 +143,7 @@ def test_posterior_equals_diffusers(patched):
                 continue
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
             worst[key + "_grad"] = max(worst.get(key + "_grad", 0.0), (a - b).abs().max().item())
-    print("largest differences:", {k: f"{v:.2e}" for k, v in worst.items()})
+    print(kind, "largest differences:", {k: f"{v:.2e}" for k, v in worst.items()})
     if not KERNELS:  # the same generator draws the same noise
         assert torch.equal(ours["mode"], theirs["mode"])
 

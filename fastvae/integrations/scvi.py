@@ -23,7 +23,7 @@ from . import Patches, require
 
 __all__ = ["apply", "revert", "SUPPORTED"]
 
-SUPPORTED = ">= 1.4"  # pyproject's extra; tested at its lowest and the newest (ci/integrations.sh)
+SUPPORTED = ">= 1.4.1"  # pyproject's extra; tested at its lowest and the newest (ci/integrations.sh)
 _ENCODERS = "scvi.nn._base_components"
 _NB = "scvi.distributions._negative_binomial"
 _patches = Patches("scvi-tools", SUPPORTED)
