@@ -6,7 +6,7 @@
     NLL  = 0.5 * (logvar + (x - x_hat)^2 exp(-logvar))      gaussian_nll_loss_logvar
 """
 
-from . import nn
+from . import distributions, nn
 from .functional import (
     ShapeError,
     binary_cross_entropy_with_logits,
@@ -36,3 +36,4 @@ __all__ = [
 ]
 __all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
 __all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]
+__all__ += ["distributions"]
