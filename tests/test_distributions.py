@@ -56,8 +56,9 @@ class LdmPosterior:
         return self.mean
 
 
-# image latents (B, 2C, H, W), video latents (B, 2C, T, H, W) (kl sums dims 1-3: shape (B, W)), odd sizes
-SHAPES = [(2, 8, 5, 3), (2, 6, 3, 4, 5), (3, 2, 1, 7)]
+# image latents (B, 2C, H, W), video latents (B, 2C, T, H, W) (kl sums dims 1-3: shape (B, W)), odd sizes; halves
+# of C * H * W elements a multiple of the kernels' 16-byte rows or not (located per row or per element)
+SHAPES = [(2, 8, 5, 3), (2, 6, 3, 4, 5), (3, 2, 1, 7), (2, 4, 4, 4)]
 
 
 def _params(shape, dtype, scale=1.0):
