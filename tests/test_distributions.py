@@ -139,10 +139,15 @@ def test_ldm_sample_then_kl(dtype, shape, backend):
     _check(z, z_ref, dtype, widen=widen)
     _check(kl, ref.kl(), dtype, [(p, p64)], widen=widen)
     # the same KL and gradients as a kl() alone
-    p2 = p.detach().clone().requires_grad_()
+    p1, p2 = (p.detach().clone().requires_grad_() for _ in range(2))
+    post1 = DiagonalGaussianDistribution(p1, backend=backend)
+    post1.sample()
+    kl_after = post1.kl()
     kl_alone = DiagonalGaussianDistribution(p2, backend=backend).kl()
-    (kl_alone.double() * g_kl).sum().backward()
-    torch.testing.assert_close(kl, kl_alone, rtol=1e-6, atol=1e-6)
+    for out in (kl_after, kl_alone):
+        (out.double() * g_kl).sum().backward()
+    torch.testing.assert_close(kl_after, kl_alone, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
