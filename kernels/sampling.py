@@ -34,11 +34,9 @@ Input forms (constexprs, one kernel): FORM_LOGVAR reads logvar; FORM_CLAMPED rea
 in the kernel (ldm's posterior: gradient zero outside, as torch.clamp's); FORM_SCALE reads the standard deviation
 (torch.distributions.Normal's scale, and the prior's scale) as it is, with lv = 2 log(scale) and var = scale^2
 where the formulas need them, and the gradients to scale (dz/dscale = eps, dKL/dscale = 2/scale dKL/dlv).
-SPLIT_MODE != SPLIT_OFF: mu and logvar are the two halves along dim 1 of one ``parameters`` tensor (B, 2C, ...),
-read in place: logical element e of the half tensor (B, C, ...) lies at e + (e // split) * split, its logvar
-split further (split = C * the trailing sizes); the gradients are written to the same places of one tensor.
-Where split is a multiple of ROW (SPLIT_ROWS: any latent with H * W a multiple of 8) no tile row straddles a
-half, so the division is one a row and each row stays one 128-bit access; else one an element (SPLIT_ELEMENTS).
+SPLIT > 0: mu and logvar are the two halves along dim 1 of one ``parameters`` tensor (B, 2C, ...), read in
+place: logical element e of the half tensor (B, C, ...) lies at e + (e // SPLIT) * SPLIT, its logvar SPLIT
+further (SPLIT = C * the trailing sizes); the gradients are written to the same places of one tensor.
 
 Noise: one Philox call (10 rounds, 32-bit words) yields four uniform words, turned into four normals by
 two Box-Muller pairs (``_normal_pair``: a radius from one word, a uniform angle from the other, its sine and
@@ -65,10 +63,6 @@ KL_REDUCED = tl.constexpr(2)  # fp32 partials; backward gets one gradient (PER_R
 FORM_LOGVAR = tl.constexpr(0)
 FORM_CLAMPED = tl.constexpr(1)  # logvar, clamped to [LV_MIN, LV_MAX] here
 FORM_SCALE = tl.constexpr(2)  # the standard deviation
-# SPLIT_MODE: how mu and logvar are found
-SPLIT_OFF = tl.constexpr(0)  # two tensors
-SPLIT_ELEMENTS = tl.constexpr(1)  # halves of one tensor, located element by element
-SPLIT_ROWS = tl.constexpr(2)  # halves of one tensor, located row by row (split % ROW == 0)
 LV_MIN = tl.constexpr(-30.0)
 LV_MAX = tl.constexpr(20.0)
 
@@ -214,21 +208,17 @@ def _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P: tl.constexpr, HAS_
 
 
 @triton.jit
-def _split_offsets(offs, row_start, split, SPLIT_MODE: tl.constexpr):
+def _split_offsets(offs, SPLIT):
     """Where logical element e of the (B, C, ...) half lies in (B, 2C, ...) ``parameters``."""
-    if SPLIT_MODE == SPLIT_ROWS:  # a row's elements share their half: contiguous, aligned as the row
-        return offs + ((row_start // split) * split)[:, None]
-    else:
-        return offs + (offs // split) * split
+    return offs + (offs // SPLIT) * SPLIT
 
 
 @triton.jit
-def _load_posterior(mu_ptr, logvar_ptr, offs, row_start, mask, split, FORM: tl.constexpr,
-                    SPLIT_MODE: tl.constexpr):
+def _load_posterior(mu_ptr, logvar_ptr, offs, mask, SPLIT, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """(memory offsets of mu, mu, the logvar as the formulas use it, std, var, the raw second input) in fp32."""
-    if SPLIT_MODE != SPLIT_OFF:
-        mem = _split_offsets(offs, row_start, split, SPLIT_MODE)
-        lv_ptr = mu_ptr + split
+    if HAS_SPLIT:
+        mem = _split_offsets(offs, SPLIT)
+        lv_ptr = mu_ptr + SPLIT
     else:
         mem = offs
         lv_ptr = logvar_ptr
@@ -252,11 +242,11 @@ def sample_kl_fwd_kernel(
     n, num_samples, row_len, lr_stride, split,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
-    _, mu, lv, std, var, _ = _load_posterior(mu_ptr, logvar_ptr, offs, counters * 4, mask, split, FORM, SPLIT_MODE)
+    _, mu, lv, std, var, _ = _load_posterior(mu_ptr, logvar_ptr, offs, mask, split, FORM, HAS_SPLIT)
     if SAMPLE:
         seed = tl.load(seed_ptr)
         z_offs, lr_base = offs, lr_ptr
@@ -282,12 +272,11 @@ def sample_kl_bwd_kernel(
     n, num_samples, kl_scale, row_len, n_rows, split,
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
-    mem, mu, lv, std, var, raw = _load_posterior(mu_ptr, logvar_ptr, offs, counters * 4, mask, split, FORM,
-                                                 SPLIT_MODE)
+    mem, mu, lv, std, var, raw = _load_posterior(mu_ptr, logvar_ptr, offs, mask, split, FORM, HAS_SPLIT)
     gmu = tl.zeros_like(mu)
     glv = tl.zeros_like(mu)  # dL/dlv, but for the samples' part, g_eps
     g_eps = tl.zeros_like(mu)  # sum_k dL/dz_k * eps_k: dz/dlogvar = 0.5 std eps, dz/dscale = eps
@@ -341,7 +330,7 @@ def sample_kl_bwd_kernel(
             glv += 0.5 * std * g_eps
         if FORM == FORM_CLAMPED:  # torch.clamp's gradient: passed where min <= logvar <= max, else 0
             glv = tl.where((raw >= LV_MIN) & (raw <= LV_MAX), glv, 0.0)
-    if SPLIT_MODE != SPLIT_OFF:
+    if HAS_SPLIT:
         tl.store(gmu_ptr + mem, gmu.to(gmu_ptr.dtype.element_ty), mask=mask)
         tl.store(gmu_ptr + split + mem, glv.to(gmu_ptr.dtype.element_ty), mask=mask)
     else:

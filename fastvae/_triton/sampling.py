@@ -53,11 +53,6 @@ def _kl_mode(reduction: str, red: Reduction) -> int:
     return KL_REDUCED if red.reduced else KL_ELEMENTWISE
 
 
-def _split_mode(split: int, row: int) -> int:
-    """kernels/sampling.py's SPLIT_MODE: off, halves located per element, or per row when no row straddles."""
-    return 0 if not split else (2 if split % row == 0 else 1)
-
-
 def _z_dtype(mu: Tensor, logvar: Optional[Tensor]) -> torch.dtype:
     return mu.dtype if logvar is None else torch.promote_types(mu.dtype, logvar.dtype)
 
@@ -102,7 +97,7 @@ def _sample_kl_op(
             mu, logvar, mu_p, logvar_p, seed, z, kl_buf, lr_buf, n, k, rows.row_len, lr_stride, split,
             SAMPLE=num_samples != 0, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=log_ratio, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
-            BLOCK=block, ROW=row, WIDE=wide, FORM=form, SPLIT_MODE=_split_mode(split, row), num_warps=warps,
+            BLOCK=block, ROW=row, WIDE=wide, FORM=form, HAS_SPLIT=split > 0, num_warps=warps,
         )
     if kl_mode == KL_REDUCED:
         kl_buf = red.finish(kl_buf, block, out_dtype)
@@ -172,7 +167,7 @@ def _sample_kl_backward_op(
             n, max(num_samples, 1), red.scale, rows.row_len, rows.rows, split,
             HAS_GZ=has_gz, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=grad_lr is not None, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
-            BLOCK=block, ROW=row, WIDE=wide, FORM=form, SPLIT_MODE=_split_mode(split, row), num_warps=warps,
+            BLOCK=block, ROW=row, WIDE=wide, FORM=form, HAS_SPLIT=split > 0, num_warps=warps,
         )
     return grad_mu, grad_logvar, grad_mu_p, grad_logvar_p
 
