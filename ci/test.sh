@@ -15,6 +15,8 @@ ruff check .
 # the interpreter pass records the kernel specializations it launches here
 export FASTVAE_SPECS="${FASTVAE_SPECS:-$(mktemp -d)/specializations.json}"
 bash ci/run_tests.sh
+# fastvae.integrations against the real diffusers and scvi-tools, in a venv of their own
+bash ci/integrations.sh newest
 # Two checks side by side: every kernel specialization the interpreter pass launched, compiled for sm_90 under
 # this triton and the GPU image's (CPU-bound), and the declared support range (the wheel and sdist, the op
 # suite at the floor and at the newest torch: installs, then one pytest process at a time).

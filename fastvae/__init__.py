@@ -6,7 +6,7 @@
     NLL  = 0.5 * (logvar + (x - x_hat)^2 exp(-logvar))      gaussian_nll_loss_logvar
 """
 
-from . import nn
+from . import distributions, nn
 from .functional import (
     ShapeError,
     binary_cross_entropy_with_logits,
@@ -46,3 +46,4 @@ from .functional import (  # noqa: E402
 
 __all__ += ["bits_per_dim", "discretized_gaussian_nll", "discretized_logistic_nll",
             "discretized_mix_logistic_nll", "sample_discretized_mix_logistic"]
+__all__ += ["distributions"]

@@ -1,7 +1,8 @@
 """Small VAEs for images, written as the example to copy: an MLP and a conv encoder/decoder.
 
 Both take images ``(B, C, H, W)`` with values in [0, 1]. The encoder gives q(z|x) = N(mu, diag(exp(logvar))),
-``fastvae.reparameterize_kl`` draws z and the KL against N(0, I) in one pass, and the decoder gives the mean
+``fastvae.distributions.DiagonalGaussianDistribution`` (ldm's posterior) draws z and the KL against N(0, I) in
+one pass, and the decoder gives the mean
 of p(x|z) = N(x_hat, var) (sigmoid, so in [0, 1]), or with ``logits=True`` the logits of a Bernoulli p(x|z)
 (``mean()`` maps them to probabilities). With ``learned_var=True`` the decoder also learns one
 log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaussian-learned-var")``.
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import fastvae
+from fastvae.distributions import DiagonalGaussianDistribution
 
 __all__ = ["VAEOutput", "VAE", "MLPVAE", "ConvVAE", "build_model"]
 
@@ -75,12 +77,17 @@ class VAE(nn.Module):
                 num_samples: int | None = None) -> VAEOutput:
         """One sample of z with its KL; with ``num_samples=K``, K samples with their log importance ratios
         (x_hat of shape (K, B, ...), for ``fastvae.iwae_bound``)."""
-        mu, logvar = self.encode(x)
         if num_samples is None:
-            z, kl = fastvae.reparameterize_kl(mu, logvar, reduction="batchmean", generator=generator,
-                                              backend=self.backend)
+            # ldm's posterior idiom on the encoder's (B, 2 * latent_dim) output seen as (B, 2 * latent_dim, 1, 1):
+            # mu and logvar are read in place, z and the per-sample KL come from one kernel pass
+            h = self.encoder(x)
+            posterior = DiagonalGaussianDistribution(h[:, :, None, None], backend=self.backend)
+            z = posterior.sample(generator=generator).flatten(1)
+            kl = posterior.kl().mean()  # sum over the latent dims, mean over the batch
             x_hat, logvar_x = self.decode(z)
+            mu, logvar = h.chunk(2, dim=1)
             return VAEOutput(x_hat, logvar_x, mu, logvar, kl)
+        mu, logvar = self.encode(x)
         z, log_ratio = fastvae.sample_log_weights(mu, logvar, num_samples=num_samples, generator=generator,
                                                   backend=self.backend)
         x_hat, logvar_x = self.decode(z.flatten(0, 1))

@@ -30,6 +30,14 @@ standard-normal prior, reduced in the kernel like a per-sample KL (one partial p
 
 Bytes: reads 2N, writes K*N for z and 4 K (P + B) for the partials (B = rows).
 
+Input forms (constexprs, one kernel): FORM_LOGVAR reads logvar; FORM_CLAMPED reads logvar clamped to [-30, 20]
+in the kernel (ldm's posterior: gradient zero outside, as torch.clamp's); FORM_SCALE reads the standard deviation
+(torch.distributions.Normal's scale, and the prior's scale) as it is, with lv = 2 log(scale) and var = scale^2
+where the formulas need them, and the gradients to scale (dz/dscale = eps, dKL/dscale = 2/scale dKL/dlv).
+SPLIT > 0: mu and logvar are the two halves along dim 1 of one ``parameters`` tensor (B, 2C, ...), read in
+place: logical element e of the half tensor (B, C, ...) lies at e + (e // SPLIT) * SPLIT, its logvar SPLIT
+further (SPLIT = C * the trailing sizes); the gradients are written to the same places of one tensor.
+
 Noise: one Philox call (10 rounds, 32-bit words) yields four uniform words, turned into four normals by
 two Box-Muller pairs (``_normal_pair``: a radius from one word, a uniform angle from the other, its sine and
 cosine as short polynomials on an octant plus a random symmetry of the square, no libdevice range
@@ -50,6 +58,13 @@ from .reduce import row_col, store_loss, store_partials
 KL_OFF = tl.constexpr(0)  # sampling only
 KL_ELEMENTWISE = tl.constexpr(1)  # reduction="none": one value (or one gradient) per element
 KL_REDUCED = tl.constexpr(2)  # fp32 partials; backward gets one gradient (PER_ROW: one per row)
+
+# FORM: what logvar_ptr (and lvp_ptr) hold
+FORM_LOGVAR = tl.constexpr(0)
+FORM_CLAMPED = tl.constexpr(1)  # logvar, clamped to [LV_MIN, LV_MAX] here
+FORM_SCALE = tl.constexpr(2)  # the standard deviation
+LV_MIN = tl.constexpr(-30.0)
+LV_MAX = tl.constexpr(20.0)
 
 
 @triton.jit
@@ -173,36 +188,67 @@ def _noise(seed, counters, ROW: tl.constexpr):
 
 
 @triton.jit
-def _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr):
-    """(mu - mu_p, exp(-logvar_p), logvar_p); the standard-normal prior's are the constants (1, 0), which the
-    compiler folds away (an exp of a zero tensor it would compute)."""
+def _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
+              FORM: tl.constexpr):
+    """(mu - mu_p, exp(-logvar_p), logvar_p, the prior's scale or 1); the standard-normal prior's are the
+    constants (1, 0), which the compiler folds away (an exp of a zero tensor it would compute)."""
     if HAS_MU_P:
         d = mu - tl.load(mup_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         d = mu
     if HAS_LV_P:
-        lvp = tl.load(lvp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        return d, tl.exp(-lvp), lvp
+        if FORM == FORM_SCALE:
+            sp = tl.load(lvp_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+            return d, 1.0 / (sp * sp), 2.0 * tl.log(sp), sp
+        else:
+            lvp = tl.load(lvp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            return d, tl.exp(-lvp), lvp, 1.0
     else:
-        return d, 1.0, 0.0
+        return d, 1.0, 0.0, 1.0
+
+
+@triton.jit
+def _split_offsets(offs, SPLIT):
+    """Where logical element e of the (B, C, ...) half lies in (B, 2C, ...) ``parameters``."""
+    return offs + (offs // SPLIT) * SPLIT
+
+
+@triton.jit
+def _load_posterior(mu_ptr, logvar_ptr, offs, mask, SPLIT, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr):
+    """(memory offsets of mu, mu, the logvar as the formulas use it, std, var, the raw second input) in fp32."""
+    if HAS_SPLIT:
+        mem = _split_offsets(offs, SPLIT)
+        lv_ptr = mu_ptr + SPLIT
+    else:
+        mem = offs
+        lv_ptr = logvar_ptr
+    mu = tl.load(mu_ptr + mem, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(lv_ptr + mem, mask=mask, other=1.0 if FORM == FORM_SCALE else 0.0).to(tl.float32)
+    if FORM == FORM_SCALE:
+        lv = 2.0 * tl.log(raw)
+        return mem, mu, lv, raw, raw * raw, raw
+    if FORM == FORM_CLAMPED:  # torch.clamp's values: NaN stays NaN
+        lv = tl.where(raw < LV_MIN, LV_MIN, tl.where(raw > LV_MAX, LV_MAX, raw))
+    else:
+        lv = raw
+    # exp(lv), not std^2: exp(lv) - lv - 1 cancels to lv^2 / 2, and a rounding more shows in small KLs
+    return mem, mu, lv, tl.exp(0.5 * lv), tl.exp(lv), raw
 
 
 @triton.jit
 def sample_kl_fwd_kernel(
     mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     z_ptr, kl_ptr, lr_ptr,
-    n, num_samples, row_len, lr_stride,
+    n, num_samples, row_len, lr_stride, split,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ROW: tl.constexpr, WIDE: tl.constexpr,
+    ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _, mu, lv, std, var, _ = _load_posterior(mu_ptr, logvar_ptr, offs, mask, split, FORM, HAS_SPLIT)
     if SAMPLE:
         seed = tl.load(seed_ptr)
-        std = tl.exp(0.5 * lv)
         z_offs, lr_base = offs, lr_ptr
         for _ in range(num_samples):
             eps = _noise(seed, counters, ROW)
@@ -214,9 +260,8 @@ def sample_kl_fwd_kernel(
             z_offs += n
             counters += (n + 3) // 4
     if KL_MODE != KL_OFF:
-        d, inv_var_p, lvp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P)
-        # exp(lv), not std^2: exp(lv) - lv - 1 cancels to lv^2 / 2, and a rounding more shows in small KLs
-        kl = 0.5 * (lvp - lv + (tl.exp(lv) + d * d) * inv_var_p - 1.0)
+        d, inv_var_p, lvp, _ = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P, FORM)
+        kl = 0.5 * (lvp - lv + (var + d * d) * inv_var_p - 1.0)
         store_loss(kl, mask, kl_ptr, offs, pid, row_len, KL_MODE == KL_REDUCED, PER_ROW, BLOCK, LONG_ROWS)
 
 
@@ -224,17 +269,17 @@ def sample_kl_fwd_kernel(
 def sample_kl_bwd_kernel(
     gz_ptr, gkl_ptr, glr_ptr, mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     gmu_ptr, glv_ptr, gmup_ptr, glvp_ptr,
-    n, num_samples, kl_scale, row_len, n_rows,
+    n, num_samples, kl_scale, row_len, n_rows, split,
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ROW: tl.constexpr, WIDE: tl.constexpr,
+    ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    lv = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mem, mu, lv, std, var, raw = _load_posterior(mu_ptr, logvar_ptr, offs, mask, split, FORM, HAS_SPLIT)
     gmu = tl.zeros_like(mu)
-    glv = tl.zeros_like(mu)
+    glv = tl.zeros_like(mu)  # dL/dlv, but for the samples' part, g_eps
+    g_eps = tl.zeros_like(mu)  # sum_k dL/dz_k * eps_k: dz/dlogvar = 0.5 std eps, dz/dscale = eps
     if PER_ROW or LOG_RATIO:  # each element's row: where its per-row gradient is read
         row, _ = row_col(pid, row_len, BLOCK, LONG_ROWS)
         row = tl.reshape(row, [BLOCK // ROW, ROW])
@@ -242,9 +287,7 @@ def sample_kl_bwd_kernel(
         row = offs
     if HAS_GZ or LOG_RATIO:
         seed = tl.load(seed_ptr)
-        std = tl.exp(0.5 * lv)
         gz_offs, lr_offs = offs, row
-        g_eps = tl.zeros_like(mu)  # sum_k dL/dz_k * eps_k: dz/dlogvar = 0.5 std eps
         for _ in range(num_samples):
             eps = _noise(seed, counters, ROW)
             g_z = tl.zeros_like(mu)
@@ -260,7 +303,6 @@ def sample_kl_bwd_kernel(
             g_eps += g_z * eps
             gz_offs += n
             counters += (n + 3) // 4
-        glv += 0.5 * std * g_eps
     if KL_MODE != KL_OFF:
         if KL_MODE == KL_ELEMENTWISE:
             g = tl.load(gkl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -268,15 +310,29 @@ def sample_kl_bwd_kernel(
             g = tl.load(gkl_ptr + row, mask=mask, other=0.0).to(tl.float32)
         else:
             g = tl.load(gkl_ptr).to(tl.float32) * kl_scale
-        d, inv_var_p, lvp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P)
+        d, inv_var_p, lvp, sp = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P, FORM)
         g_d = g * d * inv_var_p
-        var = tl.exp(lv)
         gmu += g_d
         glv += 0.5 * g * (var * inv_var_p - 1.0)
         if HAS_MU_P:
             tl.store(gmup_ptr + offs, (-g_d).to(gmup_ptr.dtype.element_ty), mask=mask)
         if HAS_LV_P:
             glvp = 0.5 * g * (1.0 - (var + d * d) * inv_var_p)
+            if FORM == FORM_SCALE:  # dlv_p/dscale_p = 2 / scale_p
+                glvp = glvp * 2.0 / sp
             tl.store(glvp_ptr + offs, glvp.to(glvp_ptr.dtype.element_ty), mask=mask)
-    tl.store(gmu_ptr + offs, gmu.to(gmu_ptr.dtype.element_ty), mask=mask)
-    tl.store(glv_ptr + offs, glv.to(glv_ptr.dtype.element_ty), mask=mask)
+    if FORM == FORM_SCALE:
+        glv = glv * 2.0 / raw
+        if HAS_GZ or LOG_RATIO:
+            glv += g_eps
+    else:
+        if HAS_GZ or LOG_RATIO:  # (std * 0 is not folded away: no exp where no sample was drawn)
+            glv += 0.5 * std * g_eps
+        if FORM == FORM_CLAMPED:  # torch.clamp's gradient: passed where min <= logvar <= max, else 0
+            glv = tl.where((raw >= LV_MIN) & (raw <= LV_MAX), glv, 0.0)
+    if HAS_SPLIT:
+        tl.store(gmu_ptr + mem, gmu.to(gmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gmu_ptr + split + mem, glv.to(gmu_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(gmu_ptr + offs, gmu.to(gmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(glv_ptr + offs, glv.to(glv_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,399 @@
+"""fastvae.distributions against their peers' formulas in float64: ldm's / diffusers' DiagonalGaussianDistribution
+(written out below, line for line) and torch.distributions' Normal, Independent and kl_divergence, values,
+gradients, shapes and errors, on whichever backend this pass runs (see conftest.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _launches import count_launches
+from conftest import BACKEND, DEVICE, DTYPES, TOL
+from torch.distributions import Independent, kl_divergence
+from torch.distributions import Normal as TorchNormal
+from torch.distributions.kl import _dispatch_kl, _kl_normal_normal
+
+from fastvae.distributions import DiagonalGaussianDistribution, Normal
+
+KERNELS = BACKEND == "triton"
+kernels_only = pytest.mark.skipif(not KERNELS, reason="launch counts: the Triton pass")
+
+
+class LdmPosterior:
+    """diffusers' DiagonalGaussianDistribution (models/autoencoders/vae.py, as ldm's), the oracle."""
+
+    def __init__(self, parameters, deterministic=False):
+        self.parameters = parameters
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.deterministic = deterministic
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+        if self.deterministic:
+            self.var = self.std = torch.zeros_like(self.mean, device=self.parameters.device,
+                                                   dtype=self.parameters.dtype)
+
+    def sample(self, noise):
+        return self.mean + self.std * noise
+
+    def kl(self, other=None):
+        if self.deterministic:
+            return torch.Tensor([0.0])
+        if other is None:
+            return 0.5 * torch.sum(torch.pow(self.mean, 2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum(torch.pow(self.mean - other.mean, 2) / other.var + self.var / other.var - 1.0
+                               - self.logvar + other.logvar, dim=[1, 2, 3])
+
+    def nll(self, sample, dims=(1, 2, 3)):
+        if self.deterministic:
+            return torch.Tensor([0.0])
+        logtwopi = np.log(2.0 * np.pi)
+        return 0.5 * torch.sum(logtwopi + self.logvar + torch.pow(sample - self.mean, 2) / self.var, dim=dims)
+
+    def mode(self):
+        return self.mean
+
+
+# image latents (B, 2C, H, W), video latents (B, 2C, T, H, W) (kl sums dims 1-3: shape (B, W)), odd sizes; halves
+# of C * H * W elements a multiple of the kernels' 16-byte rows or not (located per row or per element)
+SHAPES = [(2, 8, 5, 3), (2, 6, 3, 4, 5), (3, 2, 1, 7), (2, 4, 4, 4)]
+
+
+def _params(shape, dtype, scale=1.0):
+    """Fresh random parameters in dtype (log-variances about N(0, 0.5^2)) and their float64 twin."""
+    t = torch.randn(shape, dtype=torch.float64) * scale
+    c = shape[1] // 2
+    t[:, c:] *= 0.5
+    low = t.to(dtype).to(DEVICE)
+    return low.clone().requires_grad_(), low.double().requires_grad_()
+
+
+def _check(actual, expected, dtype, grads=(), widen=1.0):
+    rtol, atol = TOL[dtype]
+    rtol, atol = rtol * widen, atol * widen
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.detach().double(), expected.detach(), rtol=rtol, atol=atol * scale)
+    for a, e in grads:
+        assert a.grad is not None and a.grad.dtype == a.dtype
+        scale = max(1.0, e.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=rtol, atol=atol * scale)
+
+
+def _backward(out, ref):
+    w = torch.rand(ref.shape, dtype=torch.float64, device=ref.device) + 0.5
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+
+
+# ------------------------------------------------------------------------ DiagonalGaussianDistribution
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ldm_kl_and_mode(dtype, shape, backend):
+    p, p64 = _params(shape, dtype)
+    post, ref = DiagonalGaussianDistribution(p, backend=backend), LdmPosterior(p64)
+    assert post.parameters is p and post.mode().shape == ref.mode().shape
+    assert post.mode().data_ptr() == p.data_ptr()  # a view: the first half
+    kl = post.kl()
+    _backward(kl, ref.kl())
+    _check(kl, ref.kl(), dtype, [(p, p64)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ldm_kl_other(dtype, shape, backend):
+    p, p64 = _params(shape, dtype)
+    o, o64 = _params(shape, dtype, scale=0.7)
+    kl = DiagonalGaussianDistribution(p, backend=backend).kl(DiagonalGaussianDistribution(o, backend=backend))
+    ref = LdmPosterior(p64).kl(LdmPosterior(o64))
+    _backward(kl, ref)
+    _check(kl, ref, dtype, [(p, p64), (o, o64)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ldm_sample_then_kl(dtype, shape, backend):
+    """z = mean + std * eps with the gradients of diffusers' formula for that eps, and the kl() after it (from
+    the sampling pass on the kernels) equal to a kl() alone, values and gradients."""
+    p, p64 = _params(shape, dtype)
+    post, ref = DiagonalGaussianDistribution(p, backend=backend), LdmPosterior(p64)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    z = post.sample(generator=gen)
+    kl = post.kl()
+    if not KERNELS:  # the eager path draws eps as diffusers does: same generator, same numbers
+        eps = torch.randn(ref.mean.shape, generator=gen.manual_seed(3), device=DEVICE, dtype=dtype).double()
+    else:  # the kernel's noise, recovered from z (exact up to z's rounding)
+        eps = ((z.detach().double() - ref.mean) / ref.std).detach()
+        assert eps.abs().max() < 6 and abs(eps.mean()) < 0.5
+    z_ref = ref.sample(eps)
+    w = torch.rand(z_ref.shape, dtype=torch.float64, device=DEVICE) + 0.5
+    g_kl = torch.rand(ref.kl().shape, dtype=torch.float64, device=DEVICE) + 0.5
+    ((z.double() * w).sum() + (kl.double() * g_kl).sum()).backward()
+    ((z_ref * w).sum() + (ref.kl() * g_kl).sum()).backward()
+    # a half-precision z is rounded before eps is recovered from it: its gradient to logvar carries that
+    widen = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
+    _check(z, z_ref, dtype, widen=widen)
+    _check(kl, ref.kl(), dtype, [(p, p64)], widen=widen)
+    # the same KL and gradients as a kl() alone
+    p1, p2 = (p.detach().clone().requires_grad_() for _ in range(2))
+    post1 = DiagonalGaussianDistribution(p1, backend=backend)
+    post1.sample()
+    kl_after = post1.kl()
+    kl_alone = DiagonalGaussianDistribution(p2, backend=backend).kl()
+    for out in (kl_after, kl_alone):
+        (out.double() * g_kl).sum().backward()
+    torch.testing.assert_close(kl_after, kl_alone, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dims", [(1, 2, 3), (1, 2), (0, 1, 2, 3)])
+def test_ldm_nll(dtype, shape, dims, backend):
+    p, p64 = _params(shape, dtype)
+    x = torch.randn(p.shape[0], p.shape[1] // 2, *p.shape[2:], dtype=torch.float64).to(DEVICE)
+    x, x64 = x.to(dtype).requires_grad_(), x.to(dtype).double().requires_grad_()
+    nll = DiagonalGaussianDistribution(p, backend=backend).nll(x, dims=list(dims))
+    ref = LdmPosterior(p64).nll(x64, dims=list(dims))
+    _backward(nll, ref)
+    _check(nll, ref, dtype, [(p, p64), (x, x64)])
+
+
+def test_ldm_clamp_values_and_gradient(backend):
+    """logvar clamped to [-30, 20] with torch.clamp's gradient: zero outside, passed on the bounds."""
+    p = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    lv = p[:, 4:]
+    lv[0, 0, 0] = torch.tensor([-45.0, -30.0, -29.5])
+    lv[0, 1, 0] = torch.tensor([25.0, 20.0, 19.5])
+    lv[1, 0, 0] = torch.tensor([1e4, -1e4, 0.0])
+    p = p.to(DEVICE)
+    p32, p64 = p.float().requires_grad_(), p.clone().requires_grad_()
+    post, ref = DiagonalGaussianDistribution(p32, backend=backend), LdmPosterior(p64)
+    torch.testing.assert_close(post.logvar.double(), ref.logvar)
+    kl, kl_ref = post.kl(), ref.kl()
+    _backward(kl, kl_ref)
+    torch.testing.assert_close(kl.double(), kl_ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-5, atol=1e-6)
+    assert (p32.grad[0, 4, 0, 0] == 0) and (p32.grad[0, 5, 0, 0] == 0) and (p32.grad[1, 4, 0, :2] == 0).all()
+    assert (p32.grad[0, 4, 0, 1:] != 0).all() and (p32.grad[0, 5, 0, 1:] != 0).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_ldm_deterministic(shape, backend):
+    p, p64 = _params(shape, torch.float32)
+    post, ref = DiagonalGaussianDistribution(p, True, backend=backend), LdmPosterior(p64, True)
+    assert post.deterministic
+    assert torch.equal(post.kl(), ref.kl()) and torch.equal(post.nll(ref.mean), ref.nll(ref.mean))
+    assert torch.equal(post.std, torch.zeros_like(post.mean)) and torch.equal(post.var, post.std)
+    z = post.sample(generator=torch.Generator(device=DEVICE).manual_seed(1))
+    torch.testing.assert_close(z.double(), ref.mean)
+
+
+def test_ldm_attributes_made_on_read(backend):
+    p, p64 = _params(SHAPES[0], torch.float32)
+    post, ref = DiagonalGaussianDistribution(p, backend=backend), LdmPosterior(p64)
+    post.sample()
+    post.kl()
+    if KERNELS:  # the eager path is diffusers' formula, which makes them
+        assert not {"logvar", "std", "var"} & set(vars(post)), "sample() and kl() made a logvar, std or var tensor"
+    for name in ("logvar", "std", "var"):
+        torch.testing.assert_close(getattr(post, name).double(), getattr(ref, name), rtol=1e-6, atol=1e-7)
+        assert getattr(post, name).shape == getattr(ref, name).shape
+
+
+def test_ldm_generator_and_seed_reproduce(backend):
+    p = torch.randn(2, 4, 3, 3, device=DEVICE)
+    post = DiagonalGaussianDistribution(p, backend=backend)
+    gen = torch.Generator(device=DEVICE)
+    a = post.sample(generator=gen.manual_seed(5))
+    b = post.sample(generator=gen.manual_seed(5))
+    c = post.sample(generator=gen.manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(9)
+    d = post.sample()
+    torch.manual_seed(9)
+    assert torch.equal(d, post.sample())
+    # a list of generators, one per image (diffusers' randn_tensor): each image its own noise
+    gens = [torch.Generator(device=DEVICE).manual_seed(s) for s in (1, 2)]
+    e = post.sample(generator=gens)
+    single = DiagonalGaussianDistribution(p[1:], backend=backend).sample(generator=[gens[1].manual_seed(2)])
+    assert e.shape == a.shape and torch.equal(e[1:], single)
+
+
+def test_ldm_bad_input(backend):
+    with pytest.raises(TypeError, match="parameters must be a torch.Tensor"):
+        DiagonalGaussianDistribution([1.0, 2.0])
+    with pytest.raises(TypeError, match="parameters must have a floating-point dtype"):
+        DiagonalGaussianDistribution(torch.ones(2, 4, 1, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="parameters must have a dim 1"):
+        DiagonalGaussianDistribution(torch.ones(4))
+    with pytest.raises(ValueError, match="backend must be"):
+        DiagonalGaussianDistribution(torch.ones(2, 4, 1, 1), backend="bogus")
+    # what diffusers' formulas reject, rejected alike: a 3-D posterior has no dim 3 to sum
+    post = DiagonalGaussianDistribution(torch.randn(2, 4, 5, device=DEVICE), backend=backend)
+    with pytest.raises(IndexError):
+        post.kl()
+
+
+@kernels_only
+def test_ldm_one_pass_each_way(poisoned):
+    """sample() + kl(): one sampling launch reading parameters in place (the KL finished by the row sums), one
+    backward launch; nothing but the 8-byte seed saved beside parameters; every output element written."""
+    p = torch.randn(3, 8, 5, 7, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() != p.data_ptr():
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with count_launches() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        post = DiagonalGaussianDistribution(p, backend="triton")
+        z = post.sample()
+        kl = post.kl()
+    assert dict(fwd) == {"sample_kl_fwd_kernel": 1, "sum_row_partials_kernel": 1}
+    assert sum(saved) <= 8, f"{sum(saved)} bytes saved beside parameters"
+    with count_launches() as bwd:
+        (z.sum() + kl.sum()).backward()
+    assert bwd["sample_kl_bwd_kernel"] == 1 and sum(bwd.values()) == 1
+    assert torch.isfinite(z).all() and torch.isfinite(kl).all() and torch.isfinite(p.grad).all()
+    with count_launches() as alone:
+        DiagonalGaussianDistribution(p, backend="triton").kl(DiagonalGaussianDistribution(p.detach().flip(0)))
+    assert alone["sample_kl_fwd_kernel"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ Normal
+
+
+def _normal_params(shape, dtype, scale_floor=0.3):
+    loc = torch.randn(shape, dtype=torch.float64)
+    scale = torch.rand(shape, dtype=torch.float64) + scale_floor
+    return [(t.to(dtype).to(DEVICE).requires_grad_(), t.to(dtype).double().to(DEVICE).requires_grad_())
+            for t in (loc, scale)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [(7,), (4, 5)])
+@pytest.mark.parametrize("sample_shape", [(), (3,), (2, 3)])
+def test_normal_rsample(dtype, batch, sample_shape, backend):
+    (loc, loc64), (scale, scale64) = _normal_params(batch, dtype)
+    q = Normal(loc, scale, backend=backend)
+    assert isinstance(q, TorchNormal)
+    torch.manual_seed(4)
+    z = q.rsample(sample_shape)
+    assert z.shape == torch.Size(sample_shape) + batch and z.dtype == dtype
+    if not KERNELS:  # torch's own rsample, the same numbers
+        torch.manual_seed(4)
+        assert torch.equal(z, TorchNormal(loc, scale).rsample(sample_shape))
+    eps = ((z.detach().double() - loc64) / scale64).detach()
+    z_ref = loc64 + eps * scale64
+    _backward(z, z_ref)
+    widen = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
+    _check(z, z_ref, dtype, [(loc, loc64), (scale, scale64)], widen=widen)
+    s = q.sample(sample_shape)
+    assert s.shape == z.shape and not s.requires_grad
+
+
+def _kl_pairs():
+    return {
+        "fastvae-fastvae": (Normal, Normal),
+        "fastvae-torch": (Normal, TorchNormal),
+        "torch-fastvae": (TorchNormal, Normal),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", list(_kl_pairs()))
+@pytest.mark.parametrize("shapes", [((6, 5), (6, 5)), ((6, 5), (5,)), ((5,), (6, 5)), ((6, 5), ())])
+def test_normal_kl_pairs(dtype, pair, shapes, backend):
+    """kl_divergence in every pairing with fastvae's Normal, broadcast batch shapes included, against torch's
+    own KL of Normals in float64, values and gradients."""
+    p_cls, q_cls = _kl_pairs()[pair]
+    (m, m64), (s, s64) = _normal_params(shapes[0], dtype)
+    (mq, mq64), (sq, sq64) = _normal_params(shapes[1], dtype, scale_floor=0.5)
+    kw = lambda cls: {"backend": backend} if cls is Normal else {}  # noqa: E731
+    kl = kl_divergence(p_cls(m, s, **kw(p_cls)), q_cls(mq, sq, **kw(q_cls)))
+    ref = _kl_normal_normal(TorchNormal(m64, s64), TorchNormal(mq64, sq64))
+    _backward(kl, ref)
+    _check(kl, ref, dtype, [(m, m64), (s, s64), (mq, mq64), (sq, sq64)])
+
+
+@pytest.mark.parametrize("reinterpreted", [1, 2])
+def test_normal_kl_inside_independent(reinterpreted, backend):
+    (m, m64), (s, s64) = _normal_params((3, 4, 5), torch.float32)
+    (mq, mq64), (sq, sq64) = _normal_params((3, 4, 5), torch.float32, scale_floor=0.5)
+    for q_cls in (Normal, TorchNormal):
+        qkw = {"backend": backend} if q_cls is Normal else {}
+        kl = kl_divergence(Independent(Normal(m, s, backend=backend), reinterpreted),
+                           Independent(q_cls(mq, sq, **qkw), reinterpreted))
+        ref = kl_divergence(Independent(TorchNormal(m64, s64), reinterpreted),
+                            Independent(TorchNormal(mq64, sq64), reinterpreted))
+        assert kl.shape == ref.shape == (3, 4)[: 3 - reinterpreted]
+        torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_normal_is_unchanged():
+    assert _dispatch_kl(TorchNormal, TorchNormal) is _kl_normal_normal
+    assert _dispatch_kl(Normal, TorchNormal) is not _kl_normal_normal
+    assert TorchNormal.rsample is not Normal.rsample and "rsample" not in vars(TorchNormal).get("__wrapped__", {})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normal_everything_else_is_torch(dtype, backend):
+    (loc, _), (scale, _) = _normal_params((4, 3), dtype)
+    q, t = Normal(loc, scale, backend=backend), TorchNormal(loc, scale)
+    x = torch.randn(4, 3, device=DEVICE).to(dtype)
+    assert q.batch_shape == t.batch_shape and q.event_shape == t.event_shape
+    for name in ("log_prob", "cdf"):
+        assert torch.equal(getattr(q, name)(x), getattr(t, name)(x))
+    assert torch.equal(q.entropy(), t.entropy()) and torch.equal(q.mean, t.mean) and torch.equal(q.stddev, t.stddev)
+    e = q.expand((2, 4, 3))
+    assert type(e) is Normal and e.backend == q.backend and e.batch_shape == (2, 4, 3)
+    assert e.rsample().shape == (2, 4, 3)
+    assert Normal(0.0, 1.0).batch_shape == torch.Size()
+
+
+def test_normal_validation_and_errors():
+    with pytest.raises(ValueError, match="scale"):
+        Normal(torch.zeros(3), -torch.ones(3), validate_args=True)
+    with pytest.raises(ValueError, match="backend must be"):
+        Normal(torch.zeros(3), torch.ones(3), backend="cuda")
+    q = Normal(torch.zeros(3), torch.ones(3), validate_args=True)
+    with pytest.raises(ValueError):
+        q.log_prob(torch.zeros(4))
+
+
+def test_normal_reproducible_and_statistics(backend):
+    n = 1 << 14
+    q = Normal(torch.randn(n, device=DEVICE), torch.rand(n, device=DEVICE) + 0.5, backend=backend)
+    torch.manual_seed(2)
+    a = q.rsample((2,))
+    torch.manual_seed(2)
+    assert torch.equal(a, q.rsample((2,)))
+    eps = ((a.double() - q.loc.double()) / q.scale.double()).flatten()
+    se = 1 / math.sqrt(eps.numel())
+    assert abs(eps.mean().item()) < 6 * se and abs(eps.std().item() - 1) < 6 * se
+    assert abs(torch.corrcoef(eps.reshape(2, n))[0, 1].item()) < 6 / math.sqrt(n)
+
+
+@kernels_only
+def test_normal_on_the_kernels(poisoned):
+    """rsample and the KL each one launch (no eps saved: the seed alone beside loc and scale), Independent's
+    too; torch's own pair launches nothing."""
+    loc = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    scale = (torch.rand(6, 5, device=DEVICE) + 0.5).requires_grad_()
+    with count_launches() as counts:
+        q = Normal(loc, scale, backend="triton")
+        z = q.rsample()
+        kl = kl_divergence(q, TorchNormal(torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)))
+        kli = kl_divergence(Independent(q, 1), Independent(Normal(0.0, 1.0, backend="triton").expand((6, 5)), 1))
+        (z.sum() + kl.sum() + kli.sum()).backward()
+    assert counts["sample_kl_fwd_kernel"] == 3 and counts["sample_kl_bwd_kernel"] == 3
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(scale.grad).all()
+    with count_launches() as none:
+        kl_divergence(TorchNormal(loc, scale), TorchNormal(0.0, 1.0))
+    assert sum(none.values()) == 0

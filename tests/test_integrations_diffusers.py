@@ -1,0 +1,173 @@
+"""fastvae.integrations.diffusers against the real diffusers (installed by ci/integrations.sh): a small
+AutoencoderKL built from a config (nothing downloaded) encodes a batch, and the patched posterior's sample (same
+generator), kl, kl(other), nll, mode and their gradients equal diffusers' own: to float tolerance on the eager
+path, to the kernels' under the interpreter (where the noise is the kernel's: z is compared with diffusers'
+formula for that noise). Then a training step runs patched, on the kernels in the Triton pass."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from _launches import count_launches
+from conftest import BACKEND, DEVICE
+
+from fastvae import distributions
+from fastvae.integrations import UnsupportedVersionError
+
+KERNELS = BACKEND == "triton"
+
+
+def test_missing_library_names_the_extra(monkeypatch):
+    import fastvae.integrations.diffusers as fv_diffusers
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fastvae\[diffusers\]'"):
+        fv_diffusers.apply()
+
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKL  # noqa: E402
+from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
+
+import fastvae.integrations.diffusers as fv_diffusers  # noqa: E402
+
+DiffusersPosterior = diffusers_vae.DiagonalGaussianDistribution
+
+
+@pytest.fixture
+def patched():
+    modules = fv_diffusers.apply(backend=BACKEND)
+    yield modules
+    fv_diffusers.revert()
+
+
+def _model() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         layers_per_block=1, norm_num_groups=4, sample_size=16).to(DEVICE)
+
+
+def test_apply_and_revert_every_module(patched):
+    import diffusers.models.autoencoders.autoencoder_kl as kl_module
+
+    assert "diffusers.models.autoencoders.autoencoder_kl" in patched and diffusers_vae.__name__ in patched
+    for name in patched:
+        assert issubclass(vars(sys.modules[name])["DiagonalGaussianDistribution"],
+                          distributions.DiagonalGaussianDistribution)
+    # nothing left in diffusers that still holds diffusers' class
+    left = [n for n, m in sys.modules.items() if n.startswith("diffusers.") and m is not None
+            and vars(m).get("DiagonalGaussianDistribution") is DiffusersPosterior]
+    assert not left
+    fv_diffusers.revert()
+    assert kl_module.DiagonalGaussianDistribution is DiffusersPosterior
+    assert diffusers_vae.DiagonalGaussianDistribution is DiffusersPosterior
+    fv_diffusers.apply(backend=BACKEND)  # the fixture reverts
+
+
+def test_moved_name_says_which_and_versions(monkeypatch):
+    monkeypatch.delattr(diffusers_vae, "DiagonalGaussianDistribution")
+    with pytest.raises(UnsupportedVersionError, match=r"diffusers .* has no diffusers\.models\.autoencoders\.vae"
+                       r"\.DiagonalGaussianDistribution.*supported are diffusers >= "):
+        fv_diffusers.apply()
+
+
+def _video_model():
+    """A video VAE (5-D posteriors: (B, 2C, T, H, W)), where diffusers has one (Wan's, from 0.33)."""
+    if not hasattr(diffusers, "AutoencoderKLWan"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no AutoencoderKLWan")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                      temperal_downsample=[False], latents_mean=[0.0] * 4,
+                                      latents_std=[1.0] * 4).to(DEVICE)
+
+
+# model, input shape, the posterior's kl()/nll() shape: diffusers sums dims 1-3, so (B, W) for video
+MODELS = {"AutoencoderKL": (_model, (2, 3, 16, 16), (2,)), "AutoencoderKLWan": (_video_model, (1, 3, 1, 16, 16),
+                                                                              (1, 8))}
+
+
+def _encode(model, x):
+    return model.encode(x).latent_dist
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.encoder.parameters()]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_posterior_equals_diffusers(kind, patched):
+    """Each method of the posterior of a real diffusers VAE, patched against unpatched, values and encoder
+    gradients."""
+    build, x_shape, out_shape = MODELS[kind]
+    model = build()
+    x = torch.rand(x_shape, device=DEVICE)
+    x_other = torch.rand(x_shape, device=DEVICE)
+    with torch.no_grad():
+        target = torch.randn(_encode(model, x).mean.shape, device=DEVICE)
+    results = {}
+    for name in ("ours", "theirs"):
+        if name == "theirs":
+            fv_diffusers.revert()
+        post, other = _encode(model, x), _encode(model, x_other)
+        expected = distributions.DiagonalGaussianDistribution if name == "ours" else DiffusersPosterior
+        assert isinstance(post, expected)
+        gen = torch.Generator(device=DEVICE).manual_seed(7)
+        z = post.sample(generator=gen)
+        if name == "ours" and KERNELS:  # the kernel's noise, in diffusers' formula below
+            results["eps"] = ((z - post.mean) / torch.exp(0.5 * post.logvar)).detach()
+        if name == "theirs" and KERNELS:
+            z = post.mean + post.std * results["eps"]
+        outs = {"sample": z, "kl": post.kl(), "kl_other": post.kl(other), "nll": post.nll(target),
+                "mode": post.mode()}
+        assert outs["kl"].shape == outs["kl_other"].shape == outs["nll"].shape == out_shape
+        grads = {}
+        for key, out in outs.items():
+            model.zero_grad()
+            w = torch.linspace(0.5, 1.5, out.numel(), device=DEVICE).reshape(out.shape)
+            (out * w).sum().backward(retain_graph=True)
+            grads[key] = _grads(model)
+        results[name] = ({k: v.detach() for k, v in outs.items()}, grads)
+        fv_diffusers.apply(backend=BACKEND)
+    (ours, g_ours), (theirs, g_theirs) = results["ours"], results["theirs"]
+    rtol, atol = (1e-5, 1e-5) if not KERNELS else (1e-4, 1e-4)
+    worst = {}
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=rtol, atol=atol)
+        worst[key] = (ours[key] - theirs[key]).abs().max().item()
+        for a, b in zip(g_ours[key], g_theirs[key]):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+            worst[key + "_grad"] = max(worst.get(key + "_grad", 0.0), (a - b).abs().max().item())
+    print(kind, "largest differences:", {k: f"{v:.2e}" for k, v in worst.items()})
+    if not KERNELS:  # the same generator draws the same noise
+        assert torch.equal(ours["mode"], theirs["mode"])
+
+
+def test_training_step_runs_patched(patched):
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(2, 3, 16, 16, device=DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+    with count_launches() as counts:
+        post = model.encode(x).latent_dist
+        assert isinstance(post, distributions.DiagonalGaussianDistribution)
+        z = post.sample()
+        recon = model.decode(z).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + 1e-3 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if KERNELS:  # one sampling pass with its KL, one backward: no silent eager fallback
+        assert counts["sample_kl_fwd_kernel"] == 1 and counts["sample_kl_bwd_kernel"] == 1
+    else:
+        assert sum(counts.values()) == 0
+    # AutoencoderKL's own forward samples the patched posterior too
+    out = model(x, sample_posterior=True, generator=torch.Generator(device=DEVICE).manual_seed(0)).sample
+    assert out.shape == x.shape
