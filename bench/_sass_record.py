@@ -151,3 +151,47 @@ def install(recorder: Recorder, run_programs: int | None = None) -> None:
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     interpreter.InterpretedFunction.run = recording_run
+
+
+# ---- as a pytest plugin (``-p _sass_record``), so that every process of a run records, xdist's workers too ----
+
+RECORD_DIR = "FASTVAE_SASS_RECORD_DIR"  # where each process writes its recording (unset: the plugin is inert)
+RECORD_RUN_PROGRAMS = "FASTVAE_SASS_RUN_PROGRAMS"  # launches of more programs are recorded, not run ("": all)
+RECORD_ROOT = "FASTVAE_SASS_ROOT"
+
+
+def pytest_configure(config: Any) -> None:
+    out = os.environ.get(RECORD_DIR)
+    if not out:
+        return
+    root = os.environ[RECORD_ROOT]
+    recorder = Recorder(root, only=os.path.join(root, "kernels"))
+    limit = os.environ.get(RECORD_RUN_PROGRAMS, "")
+    install(recorder, int(limit) if limit else None)
+    config._fastvae_recorder = recorder
+
+
+def pytest_unconfigure(config: Any) -> None:
+    recorder = getattr(config, "_fastvae_recorder", None)
+    if recorder is None or not recorder.launches:
+        return  # xdist's controller runs no test
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    recorder.dump(os.path.join(os.environ[RECORD_DIR], f"{worker}.json"), {})
+
+
+def merge(paths: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """The specializations of several recordings (one per process), deduplicated, and their launch count."""
+    merged: dict[str, dict[str, Any]] = {}
+    launches = 0
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        launches += data.get("launches", 0)
+        for spec in data["specializations"]:
+            key = json.dumps({k: v for k, v in spec.items() if k not in ("launches", "max_programs")},
+                             sort_keys=True)
+            entry = merged.setdefault(key, {**spec, "launches": 0, "max_programs": 0})
+            entry["launches"] += spec["launches"]
+            entry["max_programs"] = max(entry["max_programs"], spec["max_programs"])
+    specs = sorted(merged.values(), key=lambda s: (s["module"], s["kernel"], json.dumps(s["args"])))
+    return specs, launches

@@ -51,35 +51,45 @@ RUN_PROGRAMS = 16
 
 def record(out: str, root: str, pytest_args: list[str], run_programs: int | None, strict: bool = False) -> int:
     """Run pytest in this process with launches recorded; returns pytest's exit code when ``strict`` (every
-    launch runs: the recording of a real test pass, which fails as the pass does), else 0."""
+    launch runs: the recording of a real test pass, which fails as the pass does), else 0.
+
+    The recorder is a pytest plugin (``_plugins/sass_record_plugin``) that every process of the run loads, so
+    the pass may run on pytest-xdist's workers (``-n N`` in the arguments): each writes its own recording,
+    merged here."""
+    import tempfile
+
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by the hook or the tests
     os.environ.setdefault("FASTVAE_TEST_BACKEND", "triton")
     import _sass_record
     import pytest
 
-    recorder = _sass_record.Recorder(root, only=os.path.join(root, "kernels"))
-    _sass_record.install(recorder, run_programs)
-    # bench/ holds a conftest.py too: keep it off sys.path so the tests import their own
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+    parts = tempfile.mkdtemp(prefix="sass-record-")
+    os.environ.update({_sass_record.RECORD_DIR: parts, _sass_record.RECORD_ROOT: root,
+                       _sass_record.RECORD_RUN_PROGRAMS: "" if run_programs is None else str(run_programs)})
+    # bench/ holds a conftest.py too: keep it off sys.path so the tests import their own; the plugin comes from
+    # a folder of its own, on the path that xdist hands its workers (the controller's sys.path)
+    sys.path[:] = [os.path.join(HERE, "_plugins")] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
     cwd = os.getcwd()
     os.chdir(root)
     t0 = time.time()
     try:
-        rc = pytest.main(list(pytest_args))  # pytest inserts the ini's addopts into the list it is given
+        # pytest inserts the ini's addopts into the list it is given
+        rc = pytest.main(["-p", "sass_record_plugin", *pytest_args], plugins=[])
     finally:
         os.chdir(cwd)
+    files = [os.path.join(parts, f) for f in sorted(os.listdir(parts))]
+    specs, launches = _sass_record.merge(files)
     # failures are expected when launches are skipped (their outputs are never written); a broken session is not
-    if rc not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not recorder.specs:
-        raise SystemExit(f"recording failed: pytest exit code {int(rc)}, {len(recorder.specs)} specializations")
+    if rc not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not specs:
+        raise SystemExit(f"recording failed: pytest exit code {int(rc)}, {len(specs)} specializations")
     import triton
 
-    recorder.dump(out, {
-        "triton": triton.__version__,
-        "pytest_args": pytest_args,
-        "run_programs": run_programs,
-        "seconds": round(time.time() - t0, 1),
-    })
-    print(f"recorded {recorder.launches} launches, {len(recorder.specs)} specializations in "
+    with open(out, "w") as f:
+        f.write(_sass_record.dumps_rows({"format": _sass_record.FORMAT, "triton": triton.__version__,
+                                         "pytest_args": pytest_args, "run_programs": run_programs,
+                                         "seconds": round(time.time() - t0, 1), "launches": launches,
+                                         "processes": len(files)}, "specializations", specs))
+    print(f"recorded {launches} launches in {len(files)} process(es), {len(specs)} specializations in "
           f"{time.time() - t0:.0f} s -> {out}", file=sys.stderr)
     return int(rc) if strict else 0
 
