@@ -9,17 +9,20 @@
 from . import nn
 from .functional import (
     ShapeError,
+    TCDecomposition,
     binary_cross_entropy_with_logits,
     estimate_log_likelihood,
     gaussian_kl,
     gaussian_nll_loss,
     gaussian_nll_loss_logvar,
     iwae_bound,
+    mmd,
     negative_binomial_nll,
     poisson_nll_loss,
     reparameterize,
     reparameterize_kl,
     sample_log_weights,
+    tc_decomposition,
     zinb_nll,
 )
 
@@ -36,3 +39,4 @@ __all__ = [
 ]
 __all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
 __all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]
+__all__ += ["TCDecomposition", "mmd", "tc_decomposition"]

@@ -17,6 +17,7 @@ from .gaussian import (
     reparameterize_kl,
 )
 from .iwae import estimate_log_likelihood, iwae_bound, sample_log_weights
+from .latent import TCDecomposition, mmd, tc_decomposition
 from .likelihoods import binary_cross_entropy_with_logits, negative_binomial_nll, poisson_nll_loss, zinb_nll
 
 __all__ = [
@@ -29,3 +30,4 @@ __all__ = [
 ]
 __all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
 __all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]
+__all__ += ["TCDecomposition", "mmd", "tc_decomposition"]

@@ -13,6 +13,7 @@ from .gaussian import (
     reparameterize,
 )
 from .iwae import iwae_bound, sample_log_weights
+from .latent import mmd, tc_log_densities
 from .likelihoods import bce_with_logits, negative_binomial_nll, poisson_nll, zinb_nll
 
 __all__ = [
@@ -29,3 +30,4 @@ __all__ = [
 ]
 __all__ += ["bce_with_logits", "negative_binomial_nll", "poisson_nll", "zinb_nll"]
 __all__ += ["iwae_bound", "sample_log_weights"]
+__all__ += ["mmd", "tc_log_densities"]
