@@ -11,9 +11,11 @@ reductions are finished on the device, and grad_output is read by the kernels th
 
 from . import common
 from .gaussian_nll import gaussian_nll, nll_supported
+from .latent import mmd, tc_log_densities
 from .likelihoods import bce_supported, bce_with_logits, nb_nll, nb_supported, poisson_nll
 from .sampling import sample_kl, sample_log_weights
 
 __all__ = ["common", "gaussian_nll", "nll_supported", "sample_kl"]
 __all__ += ["bce_supported", "bce_with_logits", "nb_nll", "nb_supported", "poisson_nll"]
 __all__ += ["sample_log_weights"]
+__all__ += ["mmd", "tc_log_densities"]
