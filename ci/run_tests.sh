@@ -10,5 +10,5 @@ python -m pytest -q tests
 python bench/sass_report.py --record "${FASTVAE_SPECS:-$(mktemp -t fastvae-specs.XXXXXX)}" --strict -- \
     -q -m "not torch_only" \
     tests/test_functional.py tests/test_nn.py tests/test_torch_parity.py tests/test_triton.py \
-    tests/test_amp.py tests/test_iwae.py tests/test_likelihoods.py
+    tests/test_amp.py tests/test_iwae.py tests/test_likelihoods.py tests/test_latent.py
 python -m pytest -q bench --benchmark-disable

@@ -125,33 +125,32 @@ def _mmd_plan(n: int, m: int, mode: str) -> "tuple[float, float, float]":
 
 
 @torch.library.custom_op("fastvae::mmd", mutates_args=())
-def _mmd_op(x: Tensor, y: Tensor, scales: list[float], imq: bool, mode: str, out_dtype: torch.dtype) -> Tensor:
-    """MMD^2 (0-d, ``out_dtype``) of x (n, D) and y (m, D)."""
+def _mmd_op(x: Tensor, y: Tensor, inv: Tensor, imq: bool, mode: str, out_dtype: torch.dtype) -> Tensor:
+    """MMD^2 (0-d, ``out_dtype``) of x (n, D) and y (m, D), with the reciprocals of the scales in ``inv``
+    (fp32, on the device: the kernels loop over them)."""
     (n, dim), m = x.shape, y.shape[0]
     cxx, cyy, cxy = _mmd_plan(n, m, mode)
-    inv = torch.tensor([1.0 / s for s in scales], dtype=torch.float32, device=x.device)
     gx, gy = triton.cdiv(n, MMD_BLOCK_I), triton.cdiv(m, MMD_BLOCK_I)
     partials = common.alloc(x, (gx + gy,), torch.float32)
     skip, paired = mode != "biased", mode == "paired"
     cfg = dict(BLOCK_I=MMD_BLOCK_I, BLOCK_J=MMD_BLOCK_J, BLOCK_K=_mmd_k(dim), num_warps=4)
-    latent_k.mmd_fwd_kernel[(gx,)](x, x, y, inv, partials, n, n, m, dim, len(scales), cxx, -2.0 * cxy,
+    latent_k.mmd_fwd_kernel[(gx,)](x, x, y, inv, partials, n, n, m, dim, inv.numel(), cxx, -2.0 * cxy,
                                    IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, **cfg)
-    latent_k.mmd_fwd_kernel[(gy,)](y, y, y, inv, partials[gx:], m, m, m, dim, len(scales), cyy, 0.0,
+    latent_k.mmd_fwd_kernel[(gy,)](y, y, y, inv, partials[gx:], m, m, m, dim, inv.numel(), cyy, 0.0,
                                    IMQ=imq, SKIP1=skip, SKIP2=False, HAS_B2=False, **cfg)
     return common.finish_sum(partials, 1.0, out_dtype)
 
 
 @_mmd_op.register_fake
-def _(x, y, scales, imq, mode, out_dtype):
+def _(x, y, inv, imq, mode, out_dtype):
     return x.new_empty((), dtype=out_dtype)
 
 
 @torch.library.custom_op("fastvae::mmd_backward", mutates_args=())
-def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, scales: list[float], imq: bool, mode: str
+def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, inv: Tensor, imq: bool, mode: str
                      ) -> "tuple[Tensor, Tensor]":
     (n, dim), m = x.shape, y.shape[0]
     cxx, cyy, cxy = _mmd_plan(n, m, mode)
-    inv = torch.tensor([1.0 / s for s in scales], dtype=torch.float32, device=x.device)
     dx, dy = common.alloc(x, x.shape), common.alloc(y, y.shape)
     go = grad.reshape(1).contiguous()
     skip, paired = mode != "biased", mode == "paired"
@@ -160,26 +159,26 @@ def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, scales: list[float], im
                BLOCK_K=bk, num_warps=4)
     # d/da of c sum_ij k(a_i, a_j) counts each pair twice: 2 c; the cross term's -2 c_xy once from each side
     latent_k.mmd_bwd_kernel[(triton.cdiv(n, MMD_BLOCK_I), triton.cdiv(dim, bk))](
-        x, x, y, inv, go, dx, n, n, m, dim, len(scales), 2.0 * cxx, -2.0 * cxy, **cfg)
+        x, x, y, inv, go, dx, n, n, m, dim, inv.numel(), 2.0 * cxx, -2.0 * cxy, **cfg)
     latent_k.mmd_bwd_kernel[(triton.cdiv(m, MMD_BLOCK_I), triton.cdiv(dim, bk))](
-        y, y, x, inv, go, dy, m, m, n, dim, len(scales), 2.0 * cyy, -2.0 * cxy, **cfg)
+        y, y, x, inv, go, dy, m, m, n, dim, inv.numel(), 2.0 * cyy, -2.0 * cxy, **cfg)
     return dx, dy
 
 
 @_mmd_backward_op.register_fake
-def _(grad, x, y, scales, imq, mode):
+def _(grad, x, y, inv, imq, mode):
     return torch.empty_like(x), torch.empty_like(y)
 
 
 def _mmd_setup(ctx, inputs, output):
-    x, y, scales, imq, mode, out_dtype = inputs
-    ctx.save_for_backward(x, y)
-    ctx.args = (scales, imq, mode)
+    x, y, inv, imq, mode, out_dtype = inputs
+    ctx.save_for_backward(x, y, inv)
+    ctx.args = (imq, mode)
 
 
 def _mmd_backward(ctx, grad):
-    x, y = ctx.saved_tensors
-    dx, dy = _mmd_backward_op(grad, x, y, *ctx.args)
+    x, y, inv = ctx.saved_tensors
+    dx, dy = _mmd_backward_op(grad, x, y, inv, *ctx.args)
     return dx, dy, None, None, None, None
 
 
@@ -188,4 +187,5 @@ _mmd_op.register_autograd(_mmd_backward, setup_context=_mmd_setup)
 
 def mmd(x: Tensor, y: Tensor, *, kernel: str, scales: "list[float]", mode: str, out_dtype: torch.dtype) -> Tensor:
     """Validated arguments in, MMD^2 (0-d, ``out_dtype``) out."""
-    return _mmd_op(x.contiguous(), y.contiguous(), list(scales), kernel == "imq", mode, out_dtype)
+    inv = torch.tensor([1.0 / s for s in scales], dtype=torch.float32, device=x.device)
+    return _mmd_op(x.contiguous(), y.contiguous(), inv, kernel == "imq", mode, out_dtype)
