@@ -410,3 +410,87 @@ def test_tc_kernel_memory_is_linear_in_the_batch(monkeypatch):
     inputs = 3 * b * d * 4
     assert 0 < peak <= 4 * inputs, (peak, inputs)  # measured: 0.23 MB, 2.3 x the inputs
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (z, mu, lv))
+
+
+def _distributed_rank(rank: int, world: int, init: str, backend: str, rows: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(11)
+        z_all, mu_all, lv_all = (torch.randn(world * rows, 5, generator=g) for _ in range(3))
+        lv_all = 0.5 * lv_all - 1.0
+        mine = slice(rank * rows, (rank + 1) * rows)
+        for estimator in ("mss", "mws"):
+            full = [t.clone().requires_grad_() for t in (z_all, mu_all, lv_all)]
+            ref = fastvae.tc_decomposition(*full, dataset_size=100, estimator=estimator, backend=backend)
+            (ref.mutual_info + 2 * ref.total_correlation + 3 * ref.dimwise_kl).backward()
+            local = [t[mine].clone().requires_grad_() for t in (z_all, mu_all, lv_all)]
+            out = fastvae.tc_decomposition(*local, dataset_size=100, estimator=estimator, group=dist.group.WORLD,
+                                           backend=backend)
+            (out.mutual_info + 2 * out.total_correlation + 3 * out.dimwise_kl).backward()
+            shares = torch.stack(out[:3]).detach()
+            dist.all_reduce(shares)  # each rank's share of the global means
+            torch.testing.assert_close(shares, torch.stack(ref[:3]).detach(), rtol=1e-5, atol=1e-5)
+            for a, e in zip(local, full):
+                torch.testing.assert_close(a.grad, e.grad[mine], rtol=1e-5, atol=1e-5)
+            per = fastvae.tc_decomposition(*local, dataset_size=100, estimator=estimator, reduction="none",
+                                           group=dist.group.WORLD, backend=backend)
+            ref_per = fastvae.tc_decomposition(*full, dataset_size=100, estimator=estimator, reduction="none",
+                                               backend=backend)
+            for a, e in zip(per[:3], ref_per[:3]):
+                torch.testing.assert_close(a, e[mine], rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tc_distributed_equals_the_concatenated_batch(tmp_path, backend):
+    """Two gloo processes with 6 rows each: the shares of the estimate add up to the single-process value on
+    the 12 rows, and every rank's gradients are the single-process ones of its rows (MSS pairs row 5 with
+    row 6, on the other rank)."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not built")
+    mp.spawn(_distributed_rank, args=(2, f"file://{tmp_path / 'init'}", backend, 6), nprocs=2, join=True)
+
+
+@pytest.mark.torch_only  # the kernels' path is the same calls; a training run is minutes under the interpreter
+@pytest.mark.parametrize("objective", ["btcvae", "infovae", "wae"])
+def test_trainer_latent_objectives(tmp_path, objective, backend):
+    """--objective btcvae / infovae / wae train, and metrics.jsonl has their terms per epoch."""
+    for mod in ("sklearn", "matplotlib", "tqdm"):
+        pytest.importorskip(mod)
+    import json
+
+    from fastvae import train
+
+    argv = ["--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--latent-dim", "4", "--objective",
+            objective, "--tc-beta", "4", "--mmd-weight", "5", "--device", torch.device(DEVICE).type,
+            "--out", str(tmp_path), "--backend", backend]
+    assert train.main(argv) == 0
+    (line,) = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    names = ["train_mutual_info", "train_total_correlation", "train_dimwise_kl"] if objective == "btcvae" else [
+        "train_mmd"]
+    assert all(math.isfinite(line[k]) for k in names + ["train_loss", "test_elbo"]), line
+
+
+def test_losses_modules(backend):
+    """BetaTCVAELoss at weights (1, 1, 1) is the negative ELBO with the decomposed KL; MMDVAELoss adds
+    mmd_weight * MMD to ELBOLoss's loss."""
+    z, mu, lv = _posterior((24, 3), torch.float32)
+    x, x_hat = torch.rand(24, 10, device=DEVICE), torch.rand(24, 10, device=DEVICE)
+    tc = fastvae.nn.BetaTCVAELoss(dataset_size=100, tc_beta=1.0, backend=backend)(x_hat, x, z, mu, lv)
+    terms = fastvae.tc_decomposition(z, mu, lv, dataset_size=100, backend=backend)
+    torch.testing.assert_close(tc.loss, tc.recon + sum(terms[:3]))
+    weighted = fastvae.nn.BetaTCVAELoss(dataset_size=100, tc_beta=6.0, mi_weight=0.5, dw_weight=2.0,
+                                        backend=backend)(x_hat, x, z, mu, lv)
+    torch.testing.assert_close(weighted.loss, tc.recon + 0.5 * terms[0] + 6.0 * terms[1] + 2.0 * terms[2])
+    g = torch.Generator(device=DEVICE)
+    m = fastvae.nn.MMDVAELoss(mmd_weight=3.0, beta=0.5, backend=backend)(x_hat, x, z, mu, lv,
+                                                                         generator=g.manual_seed(1))
+    elbo = fastvae.nn.ELBOLoss(beta=0.5, backend=backend)(x_hat, x, mu, lv)
+    expect = fastvae.mmd(z, kernel="imq", unbiased=True, generator=g.manual_seed(1), backend=backend)
+    torch.testing.assert_close(m.loss, elbo.loss + 3.0 * expect)
+    (tc.loss + m.loss).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (z, mu, lv))

@@ -52,9 +52,15 @@ def _check_group(group: object) -> tuple[int, int]:
 
 def _gather(t: Tensor, group: object, world: int) -> Tensor:
     """The rows of every rank, concatenated in rank order, with gradients (summed back over the ranks)."""
+    if world == 1:
+        return t
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(t.contiguous(), group=group), 0) if world > 1 else t
+    with warnings.catch_warnings():  # deprecated for a private replacement; still the public autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t.contiguous(), group=group), 0)
 
 
 def _check_equal_rows(rows: int, group: object, world: int, device: torch.device) -> None:
