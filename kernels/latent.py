@@ -14,8 +14,10 @@ The per-dimension log-sum-exp is not a matrix product: every (i, j, d) needs its
 so the kernels work on [BLOCK_I, BLOCK_J, BLOCK_D] tiles. The joint's sum over d then costs one add an
 element on a tile already computed; its expansion into products (z^2 . e^-lv - 2 z . mu e^-lv + ...) would
 save those adds on the tensor cores but not one exp, and it cancels catastrophically at small variances
-(|z^2 e^-lv| ~ 1e4 at lv = -10 for a result near 0: nats of error at tf32). FLOPs: about 8 B^2 D and
-2 B^2 D exponentials forward (MUFU-bound, not memory-bound: it reads 3 B D + 3 B D per row tile).
+(|z^2 e^-lv| ~ 1e4 at lv = -10 for a result near 0: nats of error at tf32). Work: about 8 B^2 D FLOPs and
+B^2 D exponentials forward, each backward kernel as much again (it recomputes the pairs); bytes: the rows once
+and the 2 B D column values once per row tile, 4 B + 4 B D written. Bound by the exponentials (MUFU) and the
+FP32 issue rate, not by memory.
 
 Backward (``tc_bwd_rows_kernel`` over row tiles for dz, ``tc_bwd_cols_kernel`` over column tiles for dmu,
 dlogvar: flash-attention's dQ / dK-dV split, no float atomics), with P_ij = exp(lw_ij + sum_d L_ijd -
