@@ -16,12 +16,13 @@ from . import common
 
 
 def tc_blocks(dim: int) -> "tuple[int, int, int]":
-    """(BLOCK_I, BLOCK_J, BLOCK_D): a [BI, BJ, BD] tile of about 8192 fp32 (32 an element a thread of 8
-    warps), the columns tile at most 16 deep."""
-    bd = max(16, triton.next_power_of_2(dim))
+    """(BLOCK_I, BLOCK_J, BLOCK_D): a [BI, BJ, BD] tile of at most 8192 fp32 (32 a thread of 8 warps), the
+    columns tile at most 16 deep, up to 128 rows (small D: more pairs a tile, fewer passes over the columns).
+    No tl.dot here, so BD follows D down to 1."""
+    bd = triton.next_power_of_2(dim)
     per = max(1, 8192 // bd)
     bj = min(16, max(2, per // 16))
-    return max(1, min(64, per // bj)), bj, bd
+    return max(1, min(128, per // bj)), bj, bd
 
 
 def _log_weights(batch: int, dataset_size: int, mss: bool) -> "tuple[float, float, float]":
