@@ -218,10 +218,10 @@ def _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, BLOCK_I: tl.constexpr, BLOCK_J
 
 
 @triton.jit
-def _kernel_value(d2, inv_scale_ptr, n_scales, IMQ: tl.constexpr, DERIVATIVE: tl.constexpr):
-    """sum_s f(d2 / s), or its derivative in d2."""
+def _kernel_value(d2, inv_scale_ptr, n_scales: tl.constexpr, IMQ: tl.constexpr, DERIVATIVE: tl.constexpr):
+    """sum_s f(d2 / s), or its derivative in d2 (the scales unrolled: a runtime loop here spills on sm_90)."""
     acc = tl.zeros(d2.shape, tl.float32)
-    for s in range(0, n_scales):
+    for s in tl.static_range(n_scales):
         inv = tl.load(inv_scale_ptr + s)
         u = d2 * inv
         if IMQ:
@@ -242,7 +242,7 @@ def _pair_mask(i, i_ok, j, j_ok, n_b, SKIP_DIAG: tl.constexpr):
 
 
 @triton.jit
-def _mmd_block_sum(a_ptr, b_ptr, inv_scale_ptr, i, i_ok, n_b, dim, n_scales, IMQ: tl.constexpr,
+def _mmd_block_sum(a_ptr, b_ptr, inv_scale_ptr, i, i_ok, n_b, dim, n_scales: tl.constexpr, IMQ: tl.constexpr,
                    SKIP_DIAG: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     acc = tl.zeros([BLOCK_I], tl.float32)
     for j0 in range(0, n_b, BLOCK_J):
@@ -255,7 +255,7 @@ def _mmd_block_sum(a_ptr, b_ptr, inv_scale_ptr, i, i_ok, n_b, dim, n_scales, IMQ
 
 
 @triton.jit
-def mmd_fwd_kernel(a_ptr, b1_ptr, b2_ptr, inv_scale_ptr, partial_ptr, n_a, n_b1, n_b2, dim, n_scales,
+def mmd_fwd_kernel(a_ptr, b1_ptr, b2_ptr, inv_scale_ptr, partial_ptr, n_a, n_b1, n_b2, dim, n_scales: tl.constexpr,
                    coef1, coef2, IMQ: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr,
                    HAS_B2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """partial[pid] = coef1 sum k(a_i, b1_j) + coef2 sum k(a_i, b2_j) over this program's rows i."""
@@ -270,7 +270,7 @@ def mmd_fwd_kernel(a_ptr, b1_ptr, b2_ptr, inv_scale_ptr, partial_ptr, n_a, n_b1,
 
 
 @triton.jit
-def _mmd_block_grad(acc, a, a_ptr, b_ptr, inv_scale_ptr, i, i_ok, kk, kk_ok, n_b, dim, n_scales, coef,
+def _mmd_block_grad(acc, a, a_ptr, b_ptr, inv_scale_ptr, i, i_ok, kk, kk_ok, n_b, dim, n_scales: tl.constexpr, coef,
                     IMQ: tl.constexpr, SKIP_DIAG: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """acc += coef sum_j k'(d2_ij) (a_i - b_j) on the dims kk of this program."""
@@ -286,7 +286,7 @@ def _mmd_block_grad(acc, a, a_ptr, b_ptr, inv_scale_ptr, i, i_ok, kk, kk_ok, n_b
 
 
 @triton.jit
-def mmd_bwd_kernel(a_ptr, b1_ptr, b2_ptr, inv_scale_ptr, go_ptr, da_ptr, n_a, n_b1, n_b2, dim, n_scales,
+def mmd_bwd_kernel(a_ptr, b1_ptr, b2_ptr, inv_scale_ptr, go_ptr, da_ptr, n_a, n_b1, n_b2, dim, n_scales: tl.constexpr,
                    coef1, coef2, IMQ: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr,
                    HAS_B2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """da = 2 grad_output (coef1 sum_j k'(d2) (a_i - b1_j) + coef2 ...) for the rows of program 0's axis and

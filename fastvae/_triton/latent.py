@@ -15,12 +15,13 @@ from ..kernels import latent as latent_k
 from . import common
 
 
-def tc_blocks(dim: int) -> "tuple[int, int, int]":
-    """(BLOCK_I, BLOCK_J, BLOCK_D): a [BI, BJ, BD] tile of at most 8192 fp32 (32 a thread of 8 warps), the
-    columns tile at most 16 deep, up to 128 rows (small D: more pairs a tile, fewer passes over the columns).
-    No tl.dot here, so BD follows D down to 1."""
+def tc_blocks(dim: int, elements: int = 8192) -> "tuple[int, int, int]":
+    """(BLOCK_I, BLOCK_J, BLOCK_D): a [BI, BJ, BD] tile of at most ``elements`` fp32 (8192: 32 a thread of 8
+    warps), the columns tile at most 16 deep, up to 128 rows (small D: more pairs a tile, fewer passes over
+    the columns). No tl.dot here, so BD follows D down to 1. The row kernel of backward keeps more of the
+    tile live (the weights, t and the recomputed densities): half the elements, where sm_90 does not spill."""
     bd = triton.next_power_of_2(dim)
-    per = max(1, 8192 // bd)
+    per = max(1, elements // bd)
     bj = min(16, max(2, per // 16))
     return max(1, min(128, per // bj)), bj, bd
 
@@ -67,14 +68,15 @@ def _tc_backward_op(g_qz: Tensor, g_prod: Tensor, g_qzx: Tensor, g_pz: Tensor, z
     rows, dim = z.shape
     batch = mu.shape[0]
     dz, dmu, dlv = common.alloc(z, z.shape), common.alloc(mu, mu.shape), common.alloc(logvar, logvar.shape)
-    bi, bj, bd = tc_blocks(dim)
     lw = _log_weights(batch, dataset_size, mss)
     grads = [g.contiguous() for g in (g_qz, g_prod, g_qzx, g_pz)]
     if rows:
-        latent_k.tc_bwd_rows_kernel[(triton.cdiv(rows, bi),)](
+        ri, rj, bd = tc_blocks(dim, 4096)
+        latent_k.tc_bwd_rows_kernel[(triton.cdiv(rows, ri),)](
             z, mu, logvar, log_qz, lse_d, *grads, dz, rows, batch, dim, row_offset, *lw,
-            BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, num_warps=8,
+            BLOCK_I=ri, BLOCK_J=rj, BLOCK_D=bd, num_warps=8,
         )
+    bi, bj, bd = tc_blocks(dim)
     if batch:
         # column tiles as deep as the row kernel's row tiles, streaming row tiles as shallow as its columns
         latent_k.tc_bwd_cols_kernel[(triton.cdiv(batch, bi),)](
@@ -112,11 +114,13 @@ def tc_log_densities(z: Tensor, mu: Tensor, logvar: Tensor, *, dataset_size: int
     return out[0], out[1], out[2], out[3]
 
 
-MMD_BLOCK_I, MMD_BLOCK_J = 32, 32
+# the forward keeps two block sums' masks live beside the dot: 16 rows a tile, where sm_90 does not spill
+MMD_BLOCK_I, MMD_FWD_BLOCK_I, MMD_BLOCK_J, MMD_WARPS = 32, 16, 32, 8
 
 
 def _mmd_k(dim: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(dim)))
+    # K = 16 tiles spill on sm_90 (tf32x3 splits each operand in two): small D pads to 32, the dot is cheap
+    return min(64, max(32, triton.next_power_of_2(dim)))
 
 
 def _mmd_plan(n: int, m: int, mode: str) -> "tuple[float, float, float]":
@@ -131,10 +135,10 @@ def _mmd_op(x: Tensor, y: Tensor, inv: Tensor, imq: bool, mode: str, out_dtype: 
     (fp32, on the device: the kernels loop over them)."""
     (n, dim), m = x.shape, y.shape[0]
     cxx, cyy, cxy = _mmd_plan(n, m, mode)
-    gx, gy = triton.cdiv(n, MMD_BLOCK_I), triton.cdiv(m, MMD_BLOCK_I)
+    gx, gy = triton.cdiv(n, MMD_FWD_BLOCK_I), triton.cdiv(m, MMD_FWD_BLOCK_I)
     partials = common.alloc(x, (gx + gy,), torch.float32)
     skip, paired = mode != "biased", mode == "paired"
-    cfg = dict(BLOCK_I=MMD_BLOCK_I, BLOCK_J=MMD_BLOCK_J, BLOCK_K=_mmd_k(dim), num_warps=4)
+    cfg = dict(BLOCK_I=MMD_FWD_BLOCK_I, BLOCK_J=MMD_BLOCK_J, BLOCK_K=_mmd_k(dim), num_warps=MMD_WARPS)
     latent_k.mmd_fwd_kernel[(gx,)](x, x, y, inv, partials, n, n, m, dim, inv.numel(), cxx, -2.0 * cxy,
                                    IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, **cfg)
     latent_k.mmd_fwd_kernel[(gy,)](y, y, y, inv, partials[gx:], m, m, m, dim, inv.numel(), cyy, 0.0,
@@ -157,7 +161,7 @@ def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, inv: Tensor, imq: bool,
     skip, paired = mode != "biased", mode == "paired"
     bk = _mmd_k(dim)
     cfg = dict(IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, BLOCK_I=MMD_BLOCK_I, BLOCK_J=MMD_BLOCK_J,
-               BLOCK_K=bk, num_warps=4)
+               BLOCK_K=bk, num_warps=MMD_WARPS)
     # d/da of c sum_ij k(a_i, a_j) counts each pair twice: 2 c; the cross term's -2 c_xy once from each side
     latent_k.mmd_bwd_kernel[(triton.cdiv(n, MMD_BLOCK_I), triton.cdiv(dim, bk))](
         x, x, y, inv, go, dx, n, n, m, dim, inv.numel(), 2.0 * cxx, -2.0 * cxy, **cfg)
