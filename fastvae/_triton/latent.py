@@ -18,8 +18,8 @@ from . import common
 def tc_blocks(dim: int, elements: int = 8192) -> "tuple[int, int, int]":
     """(BLOCK_I, BLOCK_J, BLOCK_D): a [BI, BJ, BD] tile of at most ``elements`` fp32 (8192: 32 a thread of 8
     warps), the columns tile at most 16 deep, up to 128 rows (small D: more pairs a tile, fewer passes over
-    the columns). No tl.dot here, so BD follows D down to 1. The row kernel of backward keeps more of the
-    tile live (the weights, t and the recomputed densities): half the elements, where sm_90 does not spill."""
+    the columns). No tl.dot here, so BD follows D down to 1. The forward and the row kernel of backward take
+    4096, where sm_90 compiles them without spills under triton 3.6 and 3.9; the column kernel 8192."""
     bd = triton.next_power_of_2(dim)
     per = max(1, elements // bd)
     bj = min(16, max(2, per // 16))
@@ -45,7 +45,7 @@ def _tc_op(z: Tensor, mu: Tensor, logvar: Tensor, row_offset: int, dataset_size:
     batch = mu.shape[0]
     outs = [common.alloc(z, (rows,), torch.float32) for _ in range(4)]
     lse_d = common.alloc(z, (rows, dim), torch.float32)
-    bi, bj, bd = tc_blocks(dim)
+    bi, bj, bd = tc_blocks(dim, 4096)
     if rows:
         latent_k.tc_fwd_kernel[(triton.cdiv(rows, bi),)](
             z, mu, logvar, *outs, lse_d, rows, batch, dim, row_offset, *_log_weights(batch, dataset_size, mss),
@@ -114,8 +114,9 @@ def tc_log_densities(z: Tensor, mu: Tensor, logvar: Tensor, *, dataset_size: int
     return out[0], out[1], out[2], out[3]
 
 
-# the forward keeps two block sums' masks live beside the dot: 16 rows a tile, where sm_90 does not spill
-MMD_BLOCK_I, MMD_FWD_BLOCK_I, MMD_BLOCK_J, MMD_WARPS = 32, 16, 32, 8
+# the forward keeps two block sums live beside the dot: 16 x 32 tiles, where sm_90 does not spill under
+# triton 3.9 (3.6 spills 44 bytes with 7 imq scales, WAE's set; 16 x 16 spills under 3.9); backward 32 x 32
+MMD_BLOCK_I, MMD_BLOCK_J, MMD_FWD_BLOCK_I, MMD_FWD_BLOCK_J, MMD_WARPS = 32, 32, 16, 32, 8
 
 
 def _mmd_k(dim: int) -> int:
@@ -138,7 +139,7 @@ def _mmd_op(x: Tensor, y: Tensor, inv: Tensor, imq: bool, mode: str, out_dtype: 
     gx, gy = triton.cdiv(n, MMD_FWD_BLOCK_I), triton.cdiv(m, MMD_FWD_BLOCK_I)
     partials = common.alloc(x, (gx + gy,), torch.float32)
     skip, paired = mode != "biased", mode == "paired"
-    cfg = dict(BLOCK_I=MMD_FWD_BLOCK_I, BLOCK_J=MMD_BLOCK_J, BLOCK_K=_mmd_k(dim), num_warps=MMD_WARPS)
+    cfg = dict(BLOCK_I=MMD_FWD_BLOCK_I, BLOCK_J=MMD_FWD_BLOCK_J, BLOCK_K=_mmd_k(dim), num_warps=MMD_WARPS)
     latent_k.mmd_fwd_kernel[(gx,)](x, x, y, inv, partials, n, n, m, dim, inv.numel(), cxx, -2.0 * cxy,
                                    IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, **cfg)
     latent_k.mmd_fwd_kernel[(gy,)](y, y, y, inv, partials[gx:], m, m, m, dim, inv.numel(), cyy, 0.0,
