@@ -115,8 +115,9 @@ def tc_log_densities(z: Tensor, mu: Tensor, logvar: Tensor, *, dataset_size: int
 
 
 # the forward keeps two block sums live beside the dot: 16 x 32 tiles, where sm_90 does not spill under
-# triton 3.9 (3.6 spills 44 bytes with 7 imq scales, WAE's set; 16 x 16 spills under 3.9); backward 32 x 32
+# triton 3.6 or 3.9 (16 x 16 spills under 3.9); backward 32 x 32
 MMD_BLOCK_I, MMD_BLOCK_J, MMD_FWD_BLOCK_I, MMD_FWD_BLOCK_J, MMD_WARPS = 32, 32, 16, 32, 8
+MMD_FWD_SCALES = 2  # scales a forward launch sums: more (WAE's 7) spill under triton 3.6; the rest, more launches
 
 
 def _mmd_k(dim: int) -> int:
@@ -137,13 +138,16 @@ def _mmd_op(x: Tensor, y: Tensor, inv: Tensor, imq: bool, mode: str, out_dtype: 
     (n, dim), m = x.shape, y.shape[0]
     cxx, cyy, cxy = _mmd_plan(n, m, mode)
     gx, gy = triton.cdiv(n, MMD_FWD_BLOCK_I), triton.cdiv(m, MMD_FWD_BLOCK_I)
-    partials = common.alloc(x, (gx + gy,), torch.float32)
+    chunks = range(0, inv.numel(), MMD_FWD_SCALES)
+    partials = common.alloc(x, ((gx + gy) * len(chunks),), torch.float32)
     skip, paired = mode != "biased", mode == "paired"
     cfg = dict(BLOCK_I=MMD_FWD_BLOCK_I, BLOCK_J=MMD_FWD_BLOCK_J, BLOCK_K=_mmd_k(dim), num_warps=MMD_WARPS)
-    latent_k.mmd_fwd_kernel[(gx,)](x, x, y, inv, partials, n, n, m, dim, inv.numel(), cxx, -2.0 * cxy,
-                                   IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, **cfg)
-    latent_k.mmd_fwd_kernel[(gy,)](y, y, y, inv, partials[gx:], m, m, m, dim, inv.numel(), cyy, 0.0,
-                                   IMQ=imq, SKIP1=skip, SKIP2=False, HAS_B2=False, **cfg)
+    for c, s0 in enumerate(chunks):
+        part, scales = partials[c * (gx + gy):], inv[s0:s0 + MMD_FWD_SCALES]
+        latent_k.mmd_fwd_kernel[(gx,)](x, x, y, scales, part, n, n, m, dim, scales.numel(), cxx, -2.0 * cxy,
+                                       IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, **cfg)
+        latent_k.mmd_fwd_kernel[(gy,)](y, y, y, scales, part[gx:], m, m, m, dim, scales.numel(), cyy, 0.0,
+                                       IMQ=imq, SKIP1=skip, SKIP2=False, HAS_B2=False, **cfg)
     return common.finish_sum(partials, 1.0, out_dtype)
 
 
