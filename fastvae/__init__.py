@@ -9,41 +9,52 @@
 from . import distributions, nn
 from .functional import (
     ShapeError,
+    TCDecomposition,
     binary_cross_entropy_with_logits,
+    bits_per_dim,
+    discretized_gaussian_nll,
+    discretized_logistic_nll,
+    discretized_mix_logistic_nll,
     estimate_log_likelihood,
     gaussian_kl,
     gaussian_nll_loss,
     gaussian_nll_loss_logvar,
     iwae_bound,
+    mmd,
     negative_binomial_nll,
     poisson_nll_loss,
     reparameterize,
     reparameterize_kl,
+    sample_discretized_mix_logistic,
     sample_log_weights,
+    tc_decomposition,
     zinb_nll,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ShapeError",
+    "binary_cross_entropy_with_logits",
+    "bits_per_dim",
+    "discretized_gaussian_nll",
+    "discretized_logistic_nll",
+    "discretized_mix_logistic_nll",
+    "distributions",
+    "estimate_log_likelihood",
     "gaussian_kl",
     "gaussian_nll_loss",
     "gaussian_nll_loss_logvar",
+    "iwae_bound",
+    "mmd",
+    "negative_binomial_nll",
     "nn",
+    "poisson_nll_loss",
     "reparameterize",
     "reparameterize_kl",
+    "sample_discretized_mix_logistic",
+    "sample_log_weights",
+    "ShapeError",
+    "tc_decomposition",
+    "TCDecomposition",
+    "zinb_nll",
 ]
-__all__ += ["binary_cross_entropy_with_logits", "negative_binomial_nll", "poisson_nll_loss", "zinb_nll"]
-__all__ += ["estimate_log_likelihood", "iwae_bound", "sample_log_weights"]
-from .functional import (  # noqa: E402
-    bits_per_dim,
-    discretized_gaussian_nll,
-    discretized_logistic_nll,
-    discretized_mix_logistic_nll,
-    sample_discretized_mix_logistic,
-)
-
-__all__ += ["bits_per_dim", "discretized_gaussian_nll", "discretized_logistic_nll",
-            "discretized_mix_logistic_nll", "sample_discretized_mix_logistic"]
-__all__ += ["distributions"]

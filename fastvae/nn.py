@@ -257,3 +257,67 @@ class DiscretizedMixLogisticNLLLoss(torch.nn.Module):
 
 
 __all__ += ["DiscretizedMixLogisticNLLLoss"]
+__all__ += ["BetaTCVAELoss", "TCVAEOutput", "MMDVAELoss", "MMDOutput"]
+
+
+class TCVAEOutput(NamedTuple):
+    loss: Tensor  # recon + mi_weight * MI + tc_beta * TC + dw_weight * dimension-wise KL
+    recon: Tensor
+    mutual_info: Tensor
+    total_correlation: Tensor
+    dimwise_kl: Tensor
+
+
+class BetaTCVAELoss(ELBOLoss):
+    """β-TCVAE (Chen et al. 2018): recon + mi_weight * MI + tc_beta * TC + dw_weight * dimension-wise KL, the
+    KL split by ``fastvae.tc_decomposition`` (``estimator``, over a dataset of ``dataset_size``). At weights
+    1, 1, 1 it is the negative ELBO up to the estimator's error. The likelihood arguments are ELBOLoss's
+    (beta, free bits and its schedule are not used). ``group=``: the decomposition over the global batch of a
+    torch.distributed group; ``forward`` then scales the rank's share by the world size, so that DDP's mean of
+    the ranks' gradients is the gradient of the global-batch objective."""
+
+    def __init__(self, *, dataset_size: int, tc_beta: float = 6.0, mi_weight: float = 1.0,
+                 dw_weight: float = 1.0, estimator: str = "mss", group=None, **elbo_kwargs):
+        super().__init__(**elbo_kwargs)
+        self.dataset_size, self.estimator, self.group = dataset_size, estimator, group
+        self.tc_beta, self.mi_weight, self.dw_weight = tc_beta, mi_weight, dw_weight
+
+    def forward(self, x_hat: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,  # type: ignore[override]
+                logvar_x: Tensor | None = None, *, theta: Tensor | None = None,
+                pi_logits: Tensor | None = None) -> TCVAEOutput:
+        recon = self.recon(x_hat, x, logvar_x, theta, pi_logits)
+        terms = F.tc_decomposition(z, mu, logvar, dataset_size=self.dataset_size, estimator=self.estimator,
+                                   reduction="mean" if self.reduction == "batchmean" else "sum", group=self.group,
+                                   backend=self.backend)
+        world = torch.distributed.get_world_size(self.group) if self.group is not None else 1
+        reg = self.mi_weight * terms.mutual_info + self.tc_beta * terms.total_correlation
+        reg = reg + self.dw_weight * terms.dimwise_kl
+        return TCVAEOutput(recon + world * reg, recon, *terms[:3])
+
+
+class MMDOutput(NamedTuple):
+    loss: Tensor  # recon + beta * KL + mmd_weight * MMD^2
+    recon: Tensor
+    kl: Tensor
+    mmd: Tensor
+
+
+class MMDVAELoss(ELBOLoss):
+    """InfoVAE / MMD-VAE (Zhao et al. 2019): recon + beta * KL + mmd_weight * MMD^2(z, prior samples), the
+    MMD from ``fastvae.mmd`` (``kernel``, ``scale``, ``unbiased``); beta = 0 is WAE-MMD (Tolstikhin et al.
+    2018). The likelihood and KL arguments are ELBOLoss's; with ``reduction="sum"`` the MMD counts B times."""
+
+    def __init__(self, *, mmd_weight: float = 10.0, kernel: str = "imq", scale=None, unbiased: bool | str = True,
+                 **elbo_kwargs):
+        super().__init__(**elbo_kwargs)
+        self.mmd_weight, self.kernel, self.scale, self.unbiased = mmd_weight, kernel, scale, unbiased
+
+    def forward(self, x_hat: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,  # type: ignore[override]
+                logvar_x: Tensor | None = None, kl: Tensor | None = None, *,
+                generator: torch.Generator | None = None, theta: Tensor | None = None,
+                pi_logits: Tensor | None = None) -> MMDOutput:
+        elbo = super().forward(x_hat, x, mu, logvar, logvar_x, kl, theta=theta, pi_logits=pi_logits)
+        mmd = F.mmd(z, kernel=self.kernel, scale=self.scale, unbiased=self.unbiased, generator=generator,
+                    backend=self.backend)
+        reg = mmd * (z.shape[0] if self.reduction == "sum" else 1)
+        return MMDOutput(elbo.loss + self.mmd_weight * reg, elbo.recon, elbo.kl, mmd)

@@ -25,7 +25,7 @@ import fastvae
 
 from ._checks import interpreting
 from .models import build_model
-from .nn import ELBOLoss, ELBOOutput
+from .nn import BetaTCVAELoss, ELBOLoss, ELBOOutput, MMDVAELoss
 
 REFERENCE_BATCH = 256  # --lr is the learning rate at this global batch size
 # the settings that may change when a run is resumed; everything else comes from the checkpoint
@@ -122,8 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="logistic components per pixel for --likelihood dmol")
     model.add_argument("--var", type=_positive_float, default=0.02, help="the fixed variance of p(x|z)")
     model.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL term")
-    model.add_argument("--objective", default="elbo", choices=("elbo", "iwae"),
-                       help="iwae: the importance-weighted bound over --num-samples samples of z")
+    model.add_argument("--objective", default="elbo", choices=("elbo", "iwae") + LATENT_OBJECTIVES,
+                       help="iwae: the importance-weighted bound over --num-samples samples of z; btcvae: "
+                            "β-TCVAE; infovae: + --mmd-weight MMD; wae: recon + --mmd-weight MMD, no KL")
+    model.add_argument("--tc-beta", type=_nonneg_float, default=6.0, metavar="BETA",
+                       help="--objective btcvae: weight of the total correlation")
+    model.add_argument("--mi-weight", type=_nonneg_float, default=1.0, help="btcvae: of the mutual information")
+    model.add_argument("--dw-weight", type=_nonneg_float, default=1.0, help="btcvae: of the dimension-wise KL")
+    model.add_argument("--tc-estimator", default="mss", choices=("mss", "mws"), help="btcvae: see tc_decomposition")
+    model.add_argument("--mmd-weight", type=_nonneg_float, default=10.0, metavar="LAMBDA",
+                       help="--objective infovae / wae: weight of the MMD to the prior")
+    model.add_argument("--mmd-kernel", default="imq", choices=("imq", "rbf"), help="infovae / wae: see fastvae.mmd")
     model.add_argument("--num-samples", type=_positive_int, default=8, metavar="K",
                        help="samples of z per image for --objective iwae")
     model.add_argument("--free-bits", type=_nonneg_float, default=0.0, metavar="NATS",
@@ -294,12 +303,45 @@ def evaluate(model, loss_fn, x: torch.Tensor, rank: int, world: int, gen, amp) -
     return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n}
 
 
+LATENT_OBJECTIVES = ("btcvae", "infovae", "wae")
+LATENT_TERMS = {"btcvae": ("mutual_info", "total_correlation", "dimwise_kl"), "infovae": ("mmd",), "wae": ("mmd",)}
+
+
+def latent_terms(net, latent_fn, x: torch.Tensor, gen, amp) -> tuple[ELBOOutput, list[torch.Tensor]]:
+    """The batch-level objectives: the loss, recon and KL as an ELBOOutput, and their extra terms. The terms
+    take a second sample of q(z|x) beside the decoder's (the model's output has no z): independent and of
+    the same distribution, so the estimators' expectations are the same."""
+    with amp():
+        out = net(x, generator=gen)
+        z = fastvae.reparameterize(out.mu, out.logvar, generator=gen, backend=latent_fn.backend)
+        if isinstance(latent_fn, BetaTCVAELoss):
+            t = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x)
+            return ELBOOutput(t.loss, t.recon, out.kl, 1.0), [t.mutual_info, t.total_correlation, t.dimwise_kl]
+        m = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x, kl=out.kl, generator=gen)
+        return ELBOOutput(m.loss, m.recon, m.kl, latent_fn.current_beta()), [m.mmd]
+
+
+def build_latent_fn(args, dataset_size: int, world: int, backend) -> ELBOLoss | None:
+    """The loss of a batch-level --objective (None for elbo / iwae); btcvae over the global batch."""
+    like = dict(likelihood=args.likelihood, var=args.var, full=True, backend=backend)
+    if args.objective == "btcvae":
+        return BetaTCVAELoss(dataset_size=dataset_size, tc_beta=args.tc_beta, mi_weight=args.mi_weight,
+                             dw_weight=args.dw_weight, estimator=args.tc_estimator,
+                             group=dist.group.WORLD if world > 1 else None, **like)
+    if args.objective in ("infovae", "wae"):
+        return MMDVAELoss(mmd_weight=args.mmd_weight, kernel=args.mmd_kernel,
+                          beta=args.beta if args.objective == "infovae" else 0.0, **like)
+    return None
+
+
 def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -> dict[str, float]:
     """One pass over this rank's shard; returns the epoch's means over all ranks and images/s."""
     args, net, loss_fn, opt = state["args"], state["net"], state["loss_fn"], state["opt"]
     state["sampler"].set_epoch(epoch)
     order = torch.tensor(list(state["sampler"]), device=x_train.device)
     sums = torch.zeros(4, dtype=torch.float64, device=x_train.device)  # loss, recon, kl (x images), images
+    extra_names = LATENT_TERMS.get(args.objective, ())
+    extra_sums = torch.zeros(len(extra_names), dtype=torch.float64, device=x_train.device)
     t0 = shown = time.perf_counter()
     for batch in order.split(args.batch_size)[: state["steps_per_epoch"]]:
         if args.max_steps is not None and state["step"] >= args.max_steps:
@@ -309,6 +351,9 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
         x = x_train[batch]
         if args.objective == "iwae":
             elbo = iwae_terms(net, loss_fn, x, args.num_samples, gen, amp)
+        elif extra_names:
+            elbo, extra = latent_terms(net, state["latent_fn"], x, gen, amp)
+            extra_sums += torch.stack(extra).detach().double() * len(x)
         else:
             elbo = elbo_terms(net, loss_fn, x, gen, amp)
         opt.zero_grad(set_to_none=True)
@@ -333,7 +378,8 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
         raise CLIError(f"the loss is {loss} in epoch {epoch}: lower --lr, or try --lr-scaling sqrt or a "
                        "longer --lr-warmup")
     n = max(n, 1.0)
-    return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n, "loss": loss / n,
+    extra = dict(zip(extra_names, (v / n for v in all_reduce(extra_sums).tolist()))) if extra_names else {}
+    return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n, "loss": loss / n, **extra,
             "images_per_s": n / seconds, "epoch_s": seconds}
 
 
@@ -499,7 +545,8 @@ def run(args: argparse.Namespace) -> int:
     eval_gen = torch.Generator(device)
     state = {"args": args, "net": net, "loss_fn": loss_fn, "opt": opt, "sampler": sampler, "world": world,
              "steps_per_epoch": steps_per_epoch, "step": loss_fn.steps, "beta": loss_fn.current_beta(),
-             "losses": [], "scaler": scaler}
+             "losses": [], "scaler": scaler,
+             "latent_fn": build_latent_fn(args, len(x_train), world, backend)}
     noise_head = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

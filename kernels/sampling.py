@@ -273,6 +273,7 @@ def sample_kl_bwd_kernel(
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    CLAMP_CLOSED: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
@@ -328,8 +329,11 @@ def sample_kl_bwd_kernel(
     else:
         if HAS_GZ or LOG_RATIO:  # (std * 0 is not folded away: no exp where no sample was drawn)
             glv += 0.5 * std * g_eps
-        if FORM == FORM_CLAMPED:  # torch.clamp's gradient: passed where min <= logvar <= max, else 0
-            glv = tl.where((raw >= LV_MIN) & (raw <= LV_MAX), glv, 0.0)
+        if FORM == FORM_CLAMPED:  # torch.clamp's gradient: 0 outside [min, max]; on the bounds as torch does
+            if CLAMP_CLOSED:  # torch <= 2.13
+                glv = tl.where((raw >= LV_MIN) & (raw <= LV_MAX), glv, 0.0)
+            else:  # torch >= 2.14: the open interval
+                glv = tl.where((raw > LV_MIN) & (raw < LV_MAX), glv, 0.0)
     if HAS_SPLIT:
         tl.store(gmu_ptr + mem, gmu.to(gmu_ptr.dtype.element_ty), mask=mask)
         tl.store(gmu_ptr + split + mem, glv.to(gmu_ptr.dtype.element_ty), mask=mask)

@@ -11,6 +11,7 @@ reductions are finished on the device, and grad_output is read by the kernels th
 
 from . import common
 from .gaussian_nll import gaussian_nll, nll_supported
+from .latent import mmd, tc_log_densities
 from .likelihoods import bce_supported, bce_with_logits, nb_nll, nb_supported, poisson_nll
 from .sampling import sample_kl, sample_log_weights
 
@@ -21,3 +22,4 @@ from . import discretized  # noqa: E402
 from .discretized import discretized_nll, dmol_nll, sample_dmol  # noqa: E402
 
 __all__ += ["discretized", "discretized_nll", "dmol_nll", "sample_dmol"]
+__all__ += ["mmd", "tc_log_densities"]

@@ -12,11 +12,14 @@ import triton
 from torch import Tensor
 
 from ..kernels import sampling as sampling_k
+from ..reference.common import clamp_grad_at_bounds
 from . import common
 from .common import Reduction, launch_config
 
 KL_OFF, KL_ELEMENTWISE, KL_REDUCED = 0, 1, 2
 FORM_LOGVAR, FORM_CLAMPED, FORM_SCALE = 0, 1, 2  # what the second input (and the prior's) holds: kernels/sampling.py
+# torch.clamp's gradient on its bounds, as the installed torch computes it (ldm's clamped logvar follows it)
+CLAMP_CLOSED = clamp_grad_at_bounds()
 INT32_OFFSETS = 2**31  # offsets at or past this take the kernels' int64 arithmetic (WIDE)
 
 
@@ -167,7 +170,8 @@ def _sample_kl_backward_op(
             n, max(num_samples, 1), red.scale, rows.row_len, rows.rows, split,
             HAS_GZ=has_gz, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=grad_lr is not None, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
-            BLOCK=block, ROW=row, WIDE=wide, FORM=form, HAS_SPLIT=split > 0, num_warps=warps,
+            BLOCK=block, ROW=row, WIDE=wide, FORM=form, HAS_SPLIT=split > 0,
+            CLAMP_CLOSED=CLAMP_CLOSED or form != FORM_CLAMPED, num_warps=warps,
         )
     return grad_mu, grad_logvar, grad_mu_p, grad_logvar_p
 

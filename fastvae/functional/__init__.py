@@ -17,6 +17,7 @@ from .gaussian import (
     reparameterize_kl,
 )
 from .iwae import estimate_log_likelihood, iwae_bound, sample_log_weights
+from .latent import TCDecomposition, mmd, tc_decomposition
 from .likelihoods import binary_cross_entropy_with_logits, negative_binomial_nll, poisson_nll_loss, zinb_nll
 
 __all__ = [
@@ -39,3 +40,4 @@ from .discretized import (  # noqa: E402
 
 __all__ += ["bits_per_dim", "discretized_gaussian_nll", "discretized_logistic_nll",
             "discretized_mix_logistic_nll", "sample_discretized_mix_logistic"]
+__all__ += ["TCDecomposition", "mmd", "tc_decomposition"]

@@ -13,6 +13,7 @@ from .gaussian import (
     reparameterize,
 )
 from .iwae import iwae_bound, sample_log_weights
+from .latent import mmd, tc_log_densities
 from .likelihoods import bce_with_logits, negative_binomial_nll, poisson_nll, zinb_nll
 
 __all__ = [
@@ -38,3 +39,4 @@ from .discretized import (  # noqa: E402
 
 __all__ += ["discretized_gaussian_nll", "discretized_logistic_nll", "discretized_mix_logistic_nll",
             "sample_discretized_mix_logistic"]
+__all__ += ["mmd", "tc_log_densities"]

@@ -49,3 +49,13 @@ def dtypes(*ts: Tensor, loss: bool = True) -> tuple[torch.dtype, torch.dtype]:
     if loss and out in HALF_DTYPES and torch.is_autocast_enabled(ts[0].device.type):
         out = torch.float32
     return out, (torch.float32 if out in HALF_DTYPES else out)
+
+
+def clamp_grad_at_bounds() -> bool:
+    """Whether the installed torch's ``torch.clamp`` passes the gradient at its bounds (x == min or x == max):
+    yes up to torch 2.13, no from 2.14 (the minimum-norm subgradient, an open interval). Probed, not read off
+    the version, so the kernels' clamp follows whichever torch is installed."""
+    with torch.enable_grad(), torch.inference_mode(False):
+        x = torch.tensor([-1.0, 1.0], requires_grad=True)
+        torch.clamp(x, -1.0, 1.0).sum().backward()
+    return bool(x.grad.all())
