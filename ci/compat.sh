@@ -204,10 +204,14 @@ run_tests() {
     if [ "$tests" = ops ]; then
         # the venv's pytest script, not `python -m pytest`: the tree's fastvae/ must not shadow the installed one
         stamp "$name: op tests, eager reference"
-        FASTVAE_TEST_SUBSET=1 "$venv/bin/pytest" -q -p no:cacheprovider "${OP_TESTS[@]}"
-        stamp "$name: op tests, Triton kernels under the interpreter"
+        FASTVAE_TEST_SUBSET=1 "$venv/bin/pytest" -q -p no:cacheprovider -n "${FASTVAE_TEST_WORKERS:-2}" "${OP_TESTS[@]}"
+        # the newest torch's triton is the main pass's (which runs every kernel test under it): there the
+        # kernel pass is what the torch version can change, the custom ops' registration, autograd and dispatch
+        local kernel_tests=("${OP_TESTS[@]}")
+        [ "$name" = newest ] && kernel_tests=(tests/test_functional.py tests/test_triton.py tests/test_distributions.py)
+        stamp "$name: op tests, Triton kernels under the interpreter (${#kernel_tests[@]} files)"
         FASTVAE_TEST_SUBSET=1 TRITON_INTERPRET=1 FASTVAE_TEST_BACKEND=triton "$venv/bin/pytest" -q \
-            -p no:cacheprovider -m "not torch_only" "${OP_TESTS[@]}"
+            -p no:cacheprovider -m "not torch_only" -n "${FASTVAE_TEST_WORKERS:-2}" "${kernel_tests[@]}"
     else
         local backend
         for backend in torch triton; do

@@ -15,19 +15,23 @@ ruff check .
 # the interpreter pass records the kernel specializations it launches here
 export FASTVAE_SPECS="${FASTVAE_SPECS:-$(mktemp -d)/specializations.json}"
 bash ci/run_tests.sh
-# fastvae.integrations against the real diffusers and scvi-tools, in a venv of their own
-bash ci/integrations.sh newest
-# Two checks side by side: every kernel specialization the interpreter pass launched, compiled for sm_90 under
-# this triton and the GPU image's (CPU-bound), and the declared support range (the wheel and sdist, the op
-# suite at the floor and at the newest torch: installs, then one pytest process at a time).
-# The compile check runs niced: the compat tests (one process) keep a core, the compiles take the rest.
+# Three checks side by side: every kernel specialization the interpreter pass launched, compiled for sm_90
+# under the GPU image's triton (CPU-bound, niced: it takes what the others leave); fastvae.integrations
+# against the real diffusers and scvi-tools in a venv of their own; and the declared support range (the wheel
+# and sdist, the op suite at the floor and at the newest torch).
 compile_log="$(mktemp)"
 nice -n 10 bash ci/compile_check.sh >"$compile_log" 2>&1 &
 compile_pid=$!
+integrations_log="$(mktemp)"
+bash ci/integrations.sh newest >"$integrations_log" 2>&1 &
+integrations_pid=$!
 compat_status=0
 bash ci/compat.sh package floor newest || compat_status=$?
+integrations_status=0
+wait "$integrations_pid" || integrations_status=$?
+cat "$integrations_log"
 compile_status=0
 wait "$compile_pid" || compile_status=$?
 cat "$compile_log"
-echo "compat: exit $compat_status; compile check: exit $compile_status"
-[ "$compat_status" -eq 0 ] && [ "$compile_status" -eq 0 ]
+echo "compat: exit $compat_status; integrations: exit $integrations_status; compile check: exit $compile_status"
+[ "$compat_status" -eq 0 ] && [ "$integrations_status" -eq 0 ] && [ "$compile_status" -eq 0 ]
