@@ -149,7 +149,8 @@ def _size_id(v: int | tuple[int, ...]) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize by fixture name, outermost first: size, dtype, mode, impl."""
     device = bench_device()
-    grid = grid_for(device.type, grid_name(metafunc.config))
+    # FASTVAE_BENCH_GRID_DEVICE=cuda: the CUDA grid's shapes on another device (to record its kernel launches)
+    grid = grid_for(os.environ.get("FASTVAE_BENCH_GRID_DEVICE") or device.type, grid_name(metafunc.config))
     names = metafunc.fixturenames
     for name in ("latent", "recon", "elbo_batch", "mlp_batch", "conv_batch"):
         if name in names:
@@ -163,10 +164,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         skip = pytest.mark.skip(
             reason="the Triton kernels are timed on CUDA only (on CPU they need the interpreter)"
         )
-        impls = [
-            pytest.param(i, marks=skip) if i == "fastvae-triton" and device.type != "cuda" else i
-            for i in OP_IMPLS
-        ]
+        # under TRITON_INTERPRET=1 the kernels run on the CPU too: bench/sass_report.py records their launches
+        kernels = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        impls = [pytest.param(i, marks=skip) if i == "fastvae-triton" and not kernels else i for i in OP_IMPLS]
         metafunc.parametrize("impl", [_without_compile(i) for i in impls])
     if "train_impl" in names:
         metafunc.parametrize("train_impl", [_without_compile(i) for i in TRAIN_IMPLS])

@@ -365,6 +365,17 @@ def _ptxas_version(path: str) -> str:
     return out.strip().splitlines()[-1] if out.strip() else "?"
 
 
+def _load_specs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The specializations of one or more recordings, merged (each once), and the first recording's header
+    with the launches of all."""
+    import _sass_record
+
+    with open(paths[0]) as f:
+        head = {k: v for k, v in json.load(f).items() if k != "specializations"}
+    specs, launches = _sass_record.merge(paths)
+    return specs, {**head, "launches": launches, "recordings": [os.path.basename(p) for p in paths]}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pytest_args = None
@@ -376,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="directory for sass.md, sass.json and the recording")
     ap.add_argument("--arch", type=int, action="append", help="compute capability, repeatable (default 90)")
     ap.add_argument("--record", metavar="FILE", help="only record the specializations into FILE")
-    ap.add_argument("--specs", metavar="FILE", help="compile this recording instead of recording")
+    ap.add_argument("--specs", metavar="FILE", nargs="+",
+                    help="compile these recordings (merged) instead of recording")
     ap.add_argument("--ints", choices=("div16", "odd", "both"), default="div16",
                     help="integer arguments other than 1: multiples of 16 (default), not, or both")
     ap.add_argument("--check", action="store_true", help="exit 1 on any compile failure or spill")
@@ -404,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warm_cache:
         if not args.specs:
             ap.error("--warm-cache needs --specs")
-        with open(args.specs) as f:
-            specs = json.load(f)["specializations"][: args.limit]
+        specs = _load_specs(args.specs)[0][: args.limit]
         ints = ["div16", "odd"] if args.ints == "both" else [args.ints]
         t0 = time.time()
         rows = warm_cache(specs, root, (args.arch or [90])[0], ints, args.jobs, os.path.abspath(args.warm_cache))
@@ -432,16 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         ap.error("--out is required unless --record is given")
     os.makedirs(args.out, exist_ok=True)
-    specs_file = args.specs
-    if specs_file is None:
-        specs_file = os.path.join(args.out, "specializations.json")
+    specs_files = args.specs
+    if specs_files is None:
+        specs_files = [os.path.join(args.out, "specializations.json")]
         # a separate process: the interpreter must be on while recording and off while compiling
-        cmd = [sys.executable, os.path.abspath(__file__), "--record", specs_file, "--root", root,
+        cmd = [sys.executable, os.path.abspath(__file__), "--record", specs_files[0], "--root", root,
                "--run-programs", str(args.run_programs), "--", *pytest_args]
         subprocess.run(cmd, check=True)
-    with open(specs_file) as f:
-        recording = json.load(f)
-    specs = recording["specializations"]
+    specs, recording = _load_specs(specs_files)
     archs = args.arch or [90]
     ints = ["div16", "odd"] if args.ints == "both" else [args.ints]
 
