@@ -37,8 +37,8 @@ HEADLINE_FILES = ["bench/test_sampling.py", "bench/test_gaussian_nll.py", "bench
 HEADLINE_K = "test_sample_kl or test_nll_var_scalar or test_nll_var or test_nll_logvar or test_mlp_vae"
 HEADLINE_OPS = ("sample_kl", "nll_var_scalar", "nll_var", "nll_logvar")
 # the rest of the benchmarks, one pytest process (and JSON) per file: a file cut short loses only itself
-REST_FILES = ["bench/test_likelihoods.py", "bench/test_discretized.py", "bench/test_iwae.py", "bench/test_elbo.py",
-              "bench/test_sampling.py", "bench/test_gaussian_nll.py", "bench/test_e2e.py"]
+REST_FILES = ["bench/test_likelihoods.py", "bench/test_discretized.py", "bench/test_latent.py", "bench/test_iwae.py",
+              "bench/test_elbo.py", "bench/test_sampling.py", "bench/test_gaussian_nll.py", "bench/test_e2e.py"]
 # what the warm-up compiles: the test suite's recording and the headline benchmarks' own launches (their large
 # tiles in modes no test launches at that size)
 RECORDING = "bench/results/sass/specializations.json"
