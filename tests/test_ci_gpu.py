@@ -96,3 +96,9 @@ def test_fit_batch_search(largest):
     else:
         assert best <= largest and largest - best <= max(1, best // FIT_RESOLUTION) + 1
 
+
+
+def test_the_rest_phase_runs_every_benchmark_file():
+    files = sorted(f"bench/{f}" for f in os.listdir(os.path.join(ROOT, "bench"))
+                   if f.startswith("test_") and f.endswith(".py"))
+    assert sorted(gpu.REST_FILES) == files
