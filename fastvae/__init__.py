@@ -7,6 +7,15 @@
 """
 
 from . import distributions, nn
+from ._checks import (
+    DeviceError,
+    active_path,
+    get_backend,
+    get_default_validate_args,
+    set_backend,
+    set_default_validate_args,
+    use_backend,
+)
 from .functional import (
     ShapeError,
     TCDecomposition,
@@ -34,6 +43,13 @@ from .functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "active_path",
+    "DeviceError",
+    "get_backend",
+    "get_default_validate_args",
+    "set_backend",
+    "set_default_validate_args",
+    "use_backend",
     "binary_cross_entropy_with_logits",
     "bits_per_dim",
     "discretized_gaussian_nll",

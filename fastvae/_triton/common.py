@@ -1,12 +1,16 @@
-"""What every op's launches share: launch configs, output buffers, the reductions' plans and finishing
-kernels, the backward that scales a forward-written gradient, and the RNG seed.
+"""What every op's launches share: the custom-op decorator (the inputs' device guard), launch configs, output
+buffers, the reductions' plans and finishing kernels, the backward that scales a forward-written gradient, the
+differentiable backward of ``create_graph=True``, and the RNG seed.
 
 No module defining a custom op here uses ``from __future__ import annotations``: torch's schema inference
 reads the annotations as objects (older torch rejects them as strings).
 """
 
+import contextlib
+import functools
 import math
-from typing import NamedTuple, Optional
+from collections.abc import Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -16,6 +20,80 @@ from ..kernels import reduce as reduce_k
 from ..reference.common import reduction_scale
 
 GO_SCALAR, GO_ELEMENTWISE, GO_ROWS = 0, 1, 2
+
+
+def device_guard(device: Optional[torch.device]):
+    """The guard every launch runs under: the inputs' CUDA device made current, so Triton launches there (on
+    that device's current stream), not on whichever device happens to be current (model parallelism,
+    ``model.to("cuda:1")``). Nothing for CPU tensors (the interpreter)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _first_device(args: Sequence[object]) -> Optional[torch.device]:
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, Tensor):
+                    return t.device
+    return None
+
+
+def custom_op(name: str, *, mutates_args: "tuple[str, ...]" = ()) -> Callable:
+    """``torch.library.custom_op`` whose implementation runs under ``device_guard`` of its first tensor
+    argument: the one place a launch's device is set, for every op and its backward ops alike.
+
+    The schema is inferred from the wrapped function's signature (``functools.wraps`` keeps it); string
+    annotations are evaluated in this module, which imports what they name (Tensor, Optional, torch).
+    """
+
+    def wrap(fn: Callable) -> object:
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            # looked up at call time, so a test can replace device_guard and see every entry
+            with device_guard(_first_device(args)):
+                return fn(*args, **kwargs)
+
+        return torch.library.custom_op(name, mutates_args=mutates_args)(guarded)
+
+    return wrap
+
+
+def differentiable_backward(
+    formula: Callable[..., object], inputs: Sequence[object], needs: Sequence[bool], grad_outputs: Sequence[object]
+) -> "tuple[Optional[Tensor], ...]":
+    """The backward of ``create_graph=True`` (a gradient penalty, a Hessian-vector product): the op's eager
+    formula recomputed on the saved inputs and differentiated by autograd with the graph kept, so the
+    gradient is itself differentiable to any order with torch's numbers. The kernels' one-pass backward
+    writes plain values, which would silently drop every second-order term.
+
+    ``formula(*inputs)`` returns the op's differentiable outputs (a tensor or a tuple); ``grad_outputs``
+    pairs with them (None: that output took no gradient); ``needs[i]`` says whether input i wants one. A
+    backward calls this when ``torch.is_grad_enabled()``: autograd runs backward in grad mode only under
+    ``create_graph=True``.
+    """
+    outs = formula(*inputs)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    if not pairs or not wanted:
+        return tuple(None for _ in inputs)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+    it = iter(grads)
+    out = []
+    for x, need in zip(inputs, needs):
+        if not need:
+            out.append(None)
+            continue
+        g = next(it)
+        out.append(torch.zeros_like(x) if g is None else g)
+    return tuple(out)
 
 
 def launch_config(n: int, per_thread: int = 8) -> "tuple[int, int]":
@@ -129,7 +207,7 @@ def _scale_grad_launch(grad: Tensor, out: Tensor, grad_output: Tensor, row_len: 
     )
 
 
-@torch.library.custom_op("fastvae::scale_grad_", mutates_args=("grad",))
+@custom_op("fastvae::scale_grad_", mutates_args=("grad",))
 def _scale_grad_op(grad: Tensor, grad_output: Tensor, row_len: int) -> None:
     """grad *= grad_output in place (grad_output: one value, one per element, or one per row of row_len
     elements); a no-op on the device when grad_output is a scalar 1.0."""
@@ -141,7 +219,7 @@ def _(grad, grad_output, row_len):
     return None
 
 
-@torch.library.custom_op("fastvae::scaled_grad", mutates_args=())
+@custom_op("fastvae::scaled_grad")
 def _scaled_grad_op(grad: Tensor, grad_output: Tensor, row_len: int, dtype: torch.dtype) -> Tensor:
     """grad * grad_output in a new tensor of ``dtype`` (a gradient kept in fp32 for a 16-bit input)."""
     out = alloc(grad, grad.shape, dtype)
@@ -189,6 +267,11 @@ def register_autocast_fp32(op, out_dtype_index: int) -> None:
 
 
 def new_seed(device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
-    """A Philox seed drawn by torch's generator into device memory: no host sync, advances torch's RNG
-    state (consecutive calls differ), follows torch.manual_seed, and is re-drawn on each CUDA-graph replay."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+    """A Philox key drawn by torch's generator into device memory: no host sync, advances torch's RNG
+    state (consecutive calls differ), follows torch.manual_seed, and is re-drawn on each CUDA-graph replay.
+
+    All 64 bits of the key are random (the kernels split it into Philox's two 32-bit key words): with 31 a
+    repeat was likely after ~55k draws (the birthday bound), which a hierarchical VAE reaches in hours; with
+    64 it is ~4e9 draws away. randint's upper bound is exclusive, so the key 2^63 - 1 is never drawn.
+    """
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
