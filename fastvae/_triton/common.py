@@ -109,6 +109,36 @@ def alloc(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
 
 
+def same_dense_layout(*ts: Optional[Tensor]) -> bool:
+    """True when every tensor given (None skipped) is non-overlapping and dense with the same shape and
+    strides: an elementwise kernel then walks them all in memory order (contiguous, channels_last, any dense
+    permutation) with no copy, and ``alloc_like`` gives outputs in that same layout."""
+    ts = [t for t in ts if t is not None]
+    first = ts[0]
+    if not first.is_non_overlapping_and_dense():
+        return False
+    return all(t.shape == first.shape and (t.numel() <= 1 or t.stride() == first.stride()) for t in ts[1:])
+
+
+def rows_outermost(t: Tensor) -> bool:
+    """Whether dim 0 is the outermost in memory (its stride the largest): rows of a per-sample reduction are
+    then contiguous runs of t's memory order, as in channels_last (NHWC keeps N outside)."""
+    return t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) == max(t.stride())
+
+
+def flat(t: Tensor) -> Tensor:
+    """A non-overlapping dense tensor's elements in memory order, as a 1-D view (no copy)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def alloc_like(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A buffer with ``like``'s shape and strides (``like`` dense): a gradient comes back in its input's
+    memory format (channels_last stays channels_last, so the conv backward reads it without a copy). Written
+    through ``flat`` in memory order; taken from ``alloc``, so the tests' poisoning covers it."""
+    buf = alloc(like, (like.numel(),), dtype)
+    return buf.as_strided(like.shape, like.stride()) if like.numel() else buf.reshape(like.shape)
+
+
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a gradient written in the forward is kept in until grad_output arrives. fp16 keeps fp32: the
     reduction's scale (1/N is below fp16's smallest subnormal past 2^24 elements) and a loss scale not yet
