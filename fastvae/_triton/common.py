@@ -109,13 +109,24 @@ def alloc(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
 
 
+def dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: t's elements fill numel() consecutive slots of its storage, in some order
+    of its dims (contiguous, channels_last, any permutation of a contiguous tensor)."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def same_dense_layout(*ts: Optional[Tensor]) -> bool:
     """True when every tensor given (None skipped) is non-overlapping and dense with the same shape and
     strides: an elementwise kernel then walks them all in memory order (contiguous, channels_last, any dense
     permutation) with no copy, and ``alloc_like`` gives outputs in that same layout."""
     ts = [t for t in ts if t is not None]
     first = ts[0]
-    if not first.is_non_overlapping_and_dense():
+    if not dense(first):
         return False
     return all(t.shape == first.shape and (t.numel() <= 1 or t.stride() == first.stride()) for t in ts[1:])
 
