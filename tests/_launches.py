@@ -60,3 +60,31 @@ def count_launches(*names: str):
     finally:
         for module, name, fn in patched:
             setattr(module, name, fn)
+
+
+@contextlib.contextmanager
+def guarded_launches(inside_guard):
+    """``with guarded_launches(pred) as (inside, outside):`` every kernel launch in the block is listed by name
+    in ``inside`` when ``pred()`` held at its launch, else in ``outside``."""
+    inside: list[str] = []
+    outside: list[str] = []
+
+    class _Checking(_Counting):
+        def __getitem__(self, grid):
+            launch = self._fn[grid]
+
+            def run(*args, **kwargs):
+                (inside if inside_guard() else outside).append(self._name)
+                return launch(*args, **kwargs)
+
+            return run
+
+    patched = []
+    for module, name, fn in _kernels():
+        setattr(module, name, _Checking(name, fn, collections.Counter()))
+        patched.append((module, name, fn))
+    try:
+        yield inside, outside
+    finally:
+        for module, name, fn in patched:
+            setattr(module, name, fn)
