@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import check_generator, check_reduction, check_same_device, check_tensor, use_triton
+from .._checks import (
+    ShapeError,
+    check_generator,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    use_triton,
+    validating,
+)
 
 __all__ = ["TCDecomposition", "tc_decomposition", "mmd"]
 
@@ -60,19 +68,25 @@ def _gather(t: Tensor, group: object, world: int) -> Tensor:
 
     with warnings.catch_warnings():  # deprecated for a private replacement; still the public autograd gather
         warnings.simplefilter("ignore", FutureWarning)
+        # the collective's buffers are contiguous (a chunk of a wider tensor is copied here, once per rank)
         return torch.cat(all_gather(t.contiguous(), group=group), 0)
 
 
-def _check_equal_rows(rows: int, group: object, world: int, device: torch.device) -> None:
-    if world == 1:
+def _check_equal_rows(z: Tensor, group: object, world: int) -> None:
+    """Every rank's row count the same: one all-reduce and a host read, so only when value checks are on
+    (``fastvae.set_default_validate_args(True)``); torch's own all_gather does not compare sizes across
+    ranks either. The gathered shapes never depend on it: each rank gathers world x its own rows."""
+    if world == 1 or not validating(False, z):
         return
     import torch.distributed as dist
 
-    sizes = torch.tensor([rows, -rows], device=device)
+    rows = z.shape[0]
+    sizes = torch.tensor([rows, -rows], device=z.device)
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-    if sizes[0].item() != rows or -sizes[1].item() != rows:
+    most, neg_least = sizes.tolist()  # the one host read
+    if most != rows or -neg_least != rows:
         raise ValueError(f"group=: every rank must hold the same number of rows; this rank has {rows}, "
-                         f"others between {-sizes[1].item()} and {sizes[0].item()}")
+                         f"others between {-neg_least} and {most}")
 
 
 def tc_decomposition(
@@ -125,7 +139,16 @@ def tc_decomposition(
     (mu and logvar gathered with their gradients, nothing B x B), B and the stratification are global, and
     "sum"/"mean" give this rank's share of the global sum/mean (the shares add up to the single-process
     value, and the gradients that flow back through the gather are the single-process ones; DDP's gradient
-    averaging divides them by the world size).
+    averaging divides them by the world size). Equal B on every rank is checked (a collective and a host
+    read) only with ``fastvae.set_default_validate_args(True)``; otherwise, as with torch.distributed's own
+    all_gather, unequal sizes are the collective's undefined behaviour.
+
+    z, mu and logvar are read where they lie (``mu, logvar = h.chunk(2, dim=1)`` costs no copy), may differ
+    in floating dtype (the result takes torch's promoted dtype; fp16/bf16 compute in fp32) and must have one
+    shape (no broadcasting: each row is a sample of its own posterior). A shape mismatch raises ``ShapeError``
+    (a ``ValueError`` and, as in torch, a ``RuntimeError``). No host sync: ``torch.compile(fullgraph=True)``
+    and CUDA graphs take the call whole; create_graph=True, double backward and torch.func.grad give the
+    eager formula's derivatives.
     """
     for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
         check_tensor(name, t)
@@ -133,7 +156,7 @@ def tc_decomposition(
     if z.dim() != 2:
         raise ValueError(f"z must have shape (B, D): got {tuple(z.shape)}")
     if mu.shape != z.shape or logvar.shape != z.shape:
-        raise ValueError(f"z, mu and logvar must have one shape (B, D): got z {tuple(z.shape)}, "
+        raise ShapeError(f"z, mu and logvar must have one shape (B, D): got z {tuple(z.shape)}, "
                          f"mu {tuple(mu.shape)}, logvar {tuple(logvar.shape)}")
     if z.shape[1] == 0:
         raise ValueError("z must have at least one latent dimension: got D = 0")
@@ -143,7 +166,7 @@ def tc_decomposition(
     if isinstance(dataset_size, bool) or not isinstance(dataset_size, int):
         raise TypeError(f"dataset_size must be an int, got {type(dataset_size).__name__}")
     rank, world = _check_group(group)
-    _check_equal_rows(z.shape[0], group, world, z.device)
+    _check_equal_rows(z, group, world)
     rows = z.shape[0]
     batch = rows * world
     if batch == 0:
@@ -177,15 +200,21 @@ def tc_decomposition(
 
 
 def _check_scales(scale: object, dim: int) -> list[float]:
+    """The scales as host floats. A tensor is refused (TypeError): reading it would be a host sync each call,
+    and its gradient would be silently dropped (neither path differentiates in the scale)."""
     if scale is None:
         return [2.0 * dim]
+    if isinstance(scale, Tensor):
+        raise TypeError("scale must be a Python number or a sequence of them, not a tensor: the scales are "
+                        "launch constants (pass float(scale) once, outside the training step)")
     values = list(scale) if isinstance(scale, Sequence) and not isinstance(scale, str) else [scale]
     if not values:
         raise ValueError("scale must be a positive number or a non-empty sequence of them: got an empty sequence")
     out = []
     for s in values:
-        if isinstance(s, Tensor) and s.numel() == 1:
-            s = s.item()
+        if isinstance(s, Tensor):
+            raise TypeError("scale must be a Python number or a sequence of them, not a tensor: the scales are "
+                            "launch constants (pass float(scale) once, outside the training step)")
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise TypeError(f"scale must be a positive number or a sequence of them, got {type(s).__name__}")
         if not (math.isfinite(s) and s > 0):
@@ -211,7 +240,16 @@ def mmd(
         k(a, b) = sum_s s / (s + |a - b|^2)           kernel="imq" (inverse multiquadric)
 
     over the scales s (``scale``: one number, or a sequence summed as WAE does; default 2 D, the WAE's
-    C = 2 D sigma^2 for the unit-variance prior).
+    C = 2 D sigma^2 for the unit-variance prior). Scales are Python numbers, hyperparameters fixed for the
+    run: the kernels take them as launch arguments (no copy to the device, no host sync, nothing for a CUDA
+    graph to capture); a tensor scale raises ``TypeError`` (reading it would sync, and MMD is not
+    differentiated in the scale). Any number of scales: the forward sums 2 a launch, backward 8.
+
+    x and y are read where they lie (any strides), may differ in floating dtype (torch's promotion gives the
+    result's; fp16/bf16 compute in fp32); a D mismatch raises ``ShapeError`` (a ``ValueError`` and, as
+    torch.cdist's, a ``RuntimeError``). No host sync: ``torch.compile(fullgraph=True)`` takes the call whole
+    (y=None draws the prior through torch.randn, so compiled calls draw compiled RNG); create_graph=True,
+    double backward and torch.func.grad give the eager formula's derivatives.
 
         unbiased=False      mean k(x, x') + mean k(y, y') - 2 mean k(x, y), every pair (the V-statistic)
         unbiased=True       the x-x and y-y means over distinct pairs only (Gretton et al. 2012, eq. 3)
@@ -248,7 +286,7 @@ def mmd(
         check_tensor("y", y)
         check_same_device(x=x, y=y)
         if y.dim() != 2 or y.shape[1] != x.shape[1]:
-            raise ValueError(f"y must have shape (m, D) with x's D = {x.shape[1]}: got {tuple(y.shape)}")
+            raise ShapeError(f"y must have shape (m, D) with x's D = {x.shape[1]}: got {tuple(y.shape)}")
     n, m = x.shape[0], y.shape[0]
     least = 1 if mode == "biased" else 2
     if n < least or m < least:
