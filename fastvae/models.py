@@ -10,7 +10,10 @@ log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaus
     model = ConvVAE(in_channels=1, image_size=28, latent_dim=16)
     out = model(x)                                   # VAEOutput(x_hat, logvar_x, mu, logvar, kl, None)
     out = model(x, num_samples=K)                    # x_hat (K, B, ...), log_ratio (K, B): IWAE
-    loss = fastvae.nn.ELBOLoss(var=0.1)(out.x_hat, x, out.mu, out.logvar).loss
+    loss = fastvae.nn.ELBOLoss(var=0.1)(out.x_hat, x, out.mu, out.logvar)
+    loss.backward()
+
+``backend``: as fastvae's functions take it; None (the default) follows ``fastvae.set_backend`` at each call.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import fastvae
+from fastvae._checks import _check_backend
 from fastvae.distributions import DiagonalGaussianDistribution
 
 __all__ = ["VAEOutput", "VAE", "MLPVAE", "ConvVAE", "build_model"]
@@ -49,7 +53,8 @@ class VAE(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, learned_var: bool, backend=None,
                  logits: bool = False, num_mixtures: int | None = None):
         super().__init__()
-        self.image_shape, self.latent_dim, self.backend = tuple(image_shape), latent_dim, backend
+        self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
+        self.backend = _check_backend(backend)  # None: the global setting, read at each call
         self.logits = logits  # the decoder gives Bernoulli logits (no sigmoid) instead of a Gaussian mean
         # num_mixtures: the decoder gives the params of a discretized mixture of logistics per pixel
         self.num_mixtures = num_mixtures
