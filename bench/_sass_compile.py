@@ -149,6 +149,18 @@ def cache_key(root: str, spec: dict[str, Any], arch: int, ints: str) -> str:
                          get_cache_invalidating_env_vars())
 
 
+def compile_hash(root: str, spec: dict[str, Any], arch: int, ints: str) -> str:
+    """The hash ``triton.compile`` names this specialization's kernel by (its Triton cache directory), without
+    compiling: sha256 of ``cache_key``, which covers the triton build (its version and the hash of its
+    compiler, backends, language and libtriton), the kernel's source with every jit function it calls and the
+    constexpr globals they read, the signature's dtypes, the constexpr values, the specialization attributes
+    (divisibility by 16, ints equal to 1), the options (num_warps, num_stages, ...), the target arch with the
+    ptxas version, and the cache-invalidating environment variables."""
+    import hashlib
+
+    return hashlib.sha256(cache_key(root, spec, arch, ints).encode("utf-8")).hexdigest()
+
+
 def warm(root: str, spec: dict[str, Any], arch: int, ints: str) -> None:
     """Compile one specialization into the Triton cache (``TRITON_CACHE_DIR``) under the key a GPU launch of
     it looks up, so that the launch loads the cubin instead of compiling: no disassembly, no ptxas log."""
@@ -199,13 +211,15 @@ def ptxas_log(ptx: str, arch: int) -> str:
 
 
 def compile_spec(root: str, spec: dict[str, Any], arch: int, ints: str, sass: bool = True) -> dict[str, Any]:
-    """Compile one specialization: {'ok', 'error', 'ttir', 'sass', 'res', 'ptxas', 'num_warps', 'shared'}."""
+    """Compile one specialization: {'ok', 'error', 'ttir', 'sass', 'res', 'ptxas', 'num_warps', 'shared',
+    'hash'}."""
     try:
         fn = jit_function(root, spec)
         src, target, options = build_source(fn, spec, arch, ints)
         log = io.StringIO()
+        # the JIT's options (debug, instrumentation mode added): the kernel compiled is the one compile_hash names
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(src, target=target, options=options)
+            kernel = triton.compile(src, target=target, options=jit_options(options))
         ptxas = log.getvalue()
         if "spill stores" not in ptxas:
             ptxas = ptxas_log(kernel.asm["ptx"], arch)
@@ -226,4 +240,5 @@ def compile_spec(root: str, spec: dict[str, Any], arch: int, ints: str, sass: bo
         "ptxas": ptxas,
         "num_warps": kernel.metadata.num_warps,
         "shared": kernel.metadata.shared,
+        "hash": kernel.hash,
     }

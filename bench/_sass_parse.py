@@ -27,14 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # --------------------------------------------------------------------------------------------------------
-# H100 SXM model (predicted, not measured)
+# H100/H200 SXM model (predicted, not measured): the two share the SMs and clocks, not the memory
 # --------------------------------------------------------------------------------------------------------
 
+# a nominal device-to-device copy bandwidth, the default only: a GPU run's measured copy bandwidth replaces it
+# (sass_report.py --copy-bandwidth), and the report says which it used
+NOMINAL_DRAM_BYTES_PER_S = 3.0e12
 H100 = {
     "sms": 132,
     "clock_hz": 1.98e9,
     "issue_per_sm_clk": 4.0,  # warp-instructions: one scheduler per SM sub-partition
-    "dram_bytes_per_s": 3.0e12,  # device-to-device copy bandwidth measured on an H100
+    "dram_bytes_per_s": NOMINAL_DRAM_BYTES_PER_S,
+    "dram_source": "nominal default, not measured",
     # warp-instructions per SM per clock of each pipe (32 lanes / lanes per clock per SM)
     "pipes": {"fma": 4.0, "imad": 2.0, "alu": 2.0, "xu": 0.5},
 }

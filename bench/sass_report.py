@@ -6,15 +6,23 @@ on a machine without a GPU.
     python bench/sass_report.py --record FILE --strict -- PYTEST_ARGS     # a test pass, recorded
     python bench/sass_report.py --specs FILE --out DIR --check            # compile a recording (triton only)
     python bench/sass_report.py --specs FILE --warm-cache DIR --arch 90   # fill a Triton cache ahead of a GPU run
+    python bench/sass_report.py --specs FILE --out DIR --check-only --compile-record [RECORD] [--update-record]
+                                                # check only what the compile record has no clean result for
 
 Recording runs the test suite under ``TRITON_INTERPRET=1`` with every kernel launch recorded (see
 ``_sass_record``): whatever kernels and constexpr modes the public API reaches are covered, with no list
 to maintain. Compiling goes through the installed triton's JIT binder with the alignment hints a GPU launch
 gets (see ``_sass_compile``). The report (``DIR/sass.md``, ``DIR/sass.json``) gives per specialization the
 registers, spills, shared memory, the width of each global access, the SASS instructions per element of the
-hot path by class, and a *predicted* H100 bound: issue-limited time against the DRAM time of the op's
-minimal bytes (see ``_sass_parse``). Nothing in it is measured on a GPU. ``--check`` exits non-zero when a
-specialization fails to compile or spills.
+hot path by class, and a *predicted* H100/H200 bound: issue-limited time against the DRAM time of the op's
+minimal bytes (see ``_sass_parse``), at a measured copy bandwidth (``--copy-bandwidth``) or a nominal one.
+Nothing else in it is measured on a GPU. ``--check`` exits non-zero when a specialization fails to compile or
+spills.
+
+The compile record (``--compile-record``, default ``bench/results/sass/compile_record.json``) keeps each
+checked specialization's result under the hash ``triton.compile`` gives it, computed without compiling (see
+``_sass_compile.compile_hash``): a check compiles only the specializations whose hash the record holds no
+clean result for, so a changed kernel, a new constexpr mode or another triton compiles, and nothing else does.
 """
 
 from __future__ import annotations
@@ -119,41 +127,202 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _work(job: tuple[str, dict[str, Any], int, str, bool]) -> dict[str, Any]:
+Job = tuple[str, dict[str, Any], int, str, bool, dict[str, Any]]  # root, spec, arch, ints, sass, model
+
+
+def _work(job: Job) -> dict[str, Any]:
     import _sass_compile
     import _sass_parse
 
-    root, spec, arch, ints, sass = job
+    root, spec, arch, ints, sass, model = job
     t0 = time.time()
     c = _sass_compile.compile_spec(root, spec, arch, ints, sass)
     out: dict[str, Any] = {"ok": c["ok"], "seconds": 0.0}
     if c["ok"]:
         res = _sass_parse.resources(c["res"], c["ptxas"])
-        out.update(_sass_parse.analyze(c["ttir"], c["llir"], c["sass"], res, c["num_warps"]) if sass else res)
+        out.update(_sass_parse.analyze(c["ttir"], c["llir"], c["sass"], res, c["num_warps"], model) if sass
+                   else res)
         out["num_warps"] = c["num_warps"]
         out["shared_bytes"] = c["shared"]
         out["sass"] = c["sass"]
+        out["hash"] = c["hash"]
     else:
         out["error"] = c["error"]
     out["seconds"] = round(time.time() - t0, 2)
     return out
 
 
-def compile_all(specs: list[dict[str, Any]], root: str, archs: list[int], ints: list[str], jobs: int,
-                cache_dir: str | None, sass: bool = True) -> list[dict[str, Any]]:
-    """One result per (specialization, arch, int assumption), compiled in ``jobs`` processes."""
+def compile_env(cache_dir: str | None) -> None:
+    """The environment every compile (and every key computed for one) runs in."""
     # a fresh cache by default: line numbers in cached artifacts go stale when a kernel file moves code
     os.environ["TRITON_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="sass-report-cache-")
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # spills as ptxas counts them (printed, captured per compile)
-    work = [(root, s, a, i, sass) for s in specs for a in archs for i in ints]
+
+
+def compile_work(work: list[Job], jobs: int) -> list[dict[str, Any]]:
+    """One row per job, compiled in ``jobs`` processes (forked: they share the parent's kernel modules, so
+    what they compile is the source the parent computed keys from)."""
+    if not work:
+        return []
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         results = list(pool.map(_work, work, chunksize=1))
-    rows = []
-    for (_, spec, arch, int_mode, _), res in zip(work, results):
-        rows.append({"name": spec_name(spec), "arch": arch, "ints": int_mode, "spec": spec, **res})
-    return rows
+    return [{"name": spec_name(spec), "arch": arch, "ints": int_mode, "spec": spec, **res}
+            for (_, spec, arch, int_mode, _, _), res in zip(work, results)]
+
+
+def compile_all(specs: list[dict[str, Any]], root: str, archs: list[int], ints: list[str], jobs: int,
+                cache_dir: str | None, sass: bool = True, model: dict[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
+    """One result per (specialization, arch, int assumption), compiled in ``jobs`` processes."""
+    from _sass_parse import H100
+
+    compile_env(cache_dir)
+    return compile_work([(root, s, a, i, sass, model or H100) for s in specs for a in archs for i in ints], jobs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the compile record: check results keyed by Triton's compile hash, so that a check compiles only what changed
+# --------------------------------------------------------------------------------------------------------
+
+RECORD_FORMAT = 1  # bump when what an entry means changes: every key compiles again
+DEFAULT_RECORD = os.path.join(ROOT, "bench", "results", "sass", "compile_record.json")
+# what an entry keeps of a check result
+RECORD_FIELDS = ("ok", "regs", "spills", "spill_bytes", "local_bytes", "stack_bytes", "shared_bytes", "num_warps")
+
+
+def checker_hash() -> str:
+    """Hash of the code that turns a compile into an entry's verdict (the compile itself, the ptxas log and
+    resource parsing, what counts as clean): none of it is in Triton's key, so a record written by other
+    code is not trusted."""
+    import hashlib
+    import inspect
+
+    import _sass_compile
+    import _sass_parse
+
+    funcs = (_sass_compile.compile_spec, _sass_compile.jit_options, _sass_compile.ptxas_log, _sass_parse.resources,
+             _sass_parse.parse_ptxas_log, _sass_parse.parse_resource_usage, _work, clean)
+    return hashlib.sha256("".join(inspect.getsource(f) for f in funcs).encode("utf-8")).hexdigest()[:16]
+
+
+def load_record(path: str) -> dict[str, dict[str, Any]]:
+    """Key -> entry of a compile record; an absent file, one of another format or one written by another
+    checker is an empty record (everything compiles)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("format") != RECORD_FORMAT or data.get("checker") != checker_hash():
+        print(f"compile record {path}: written by another checker (format {data.get('format')}, checker "
+              f"{data.get('checker')}; this one: {RECORD_FORMAT}, {checker_hash()}): ignored", file=sys.stderr)
+        return {}
+    return {e["key"]: e for e in data["entries"]}
+
+
+def write_record(path: str, entries: dict[str, dict[str, Any]]) -> None:
+    from _sass_record import dumps_rows
+
+    rows = sorted(entries.values(), key=lambda e: (e["triton"], e["arch"], e["ints"], e["name"], e["key"]))
+    head = {"format": RECORD_FORMAT, "checker": checker_hash(),
+            "about": "check results of kernel specializations keyed by triton.compile's hash (see "
+                     "bench/results/sass/README.md); written by bash ci/compile_check.sh --update-record"}
+    with open(path, "w") as f:
+        f.write(dumps_rows(head, "entries", rows))
+
+
+def record_entry(row: dict[str, Any], key: str, triton_version: str) -> dict[str, Any]:
+    entry = {"key": key, "name": row["name"], "file": row["spec"]["file"], "arch": row["arch"],
+             "ints": row["ints"], "triton": triton_version}
+    entry.update({k: row[k] for k in RECORD_FIELDS if k in row})
+    if not row["ok"]:
+        entry["error"] = row["error"].splitlines()[0][:500]
+    return entry
+
+
+def clean(entry: dict[str, Any]) -> bool:
+    """Whether a result passes the check: compiled, no spill."""
+    return bool(entry["ok"]) and not entry.get("spills")
+
+
+def job_keys(work: list[Job]) -> list[str | None]:
+    """``triton.compile``'s hash of each job, computed without compiling (None where it cannot be: that job
+    is compiled, and fails there if it is broken)."""
+    import _sass_compile
+
+    keys: list[str | None] = []
+    for root, spec, arch, ints, _, _ in work:
+        try:
+            keys.append(_sass_compile.compile_hash(root, spec, arch, ints))
+        except Exception:  # a kernel that does not import or bind: the compile reports why
+            keys.append(None)
+    return keys
+
+
+def plan(keys: list[str | None], record: dict[str, dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(indices to compile, indices whose clean result the record holds). A key not in the record, no key, or
+    a recorded failure or spill is compiled: the record only ever saves the compile of a known-clean kernel."""
+    todo, seen = [], []
+    for i, key in enumerate(keys):
+        (seen if key is not None and key in record and clean(record[key]) else todo).append(i)
+    return todo, seen
+
+
+def check_with_record(work: list[Job], record_path: str, jobs: int, update: bool = False,
+                      compile_fn: Any = compile_work) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Check ``work`` against the compile record: compile only the jobs whose key the record holds no clean
+    result for; with ``update``, write what was compiled into the record and drop the entries of this triton,
+    arch and int assumption that no job has any more (kernels since changed). Returns every job's row (those
+    skipped from the record, marked ``recorded``) and counts for the summary line.
+
+    A recorded failure fails the check: it is compiled again for its current error, and if that compile comes
+    out clean the row still fails, saying the record is stale (``--update-record`` refreshes it)."""
+    import triton
+
+    t0 = time.time()
+    record = load_record(record_path)
+    keys = job_keys(work)
+    key_seconds = time.time() - t0
+    todo, seen = plan(keys, record)
+    t1 = time.time()
+    compiled = compile_fn([work[i] for i in todo], jobs)
+    compile_seconds = time.time() - t1
+    rows: list[dict[str, Any]] = [{}] * len(work)
+    mismatched: set[int] = set()
+    for i, row in zip(todo, compiled):
+        row["key"] = keys[i]
+        if row["ok"] and keys[i] is not None and row.get("hash") != keys[i]:
+            mismatched.add(i)  # the key computed is not the compiled kernel's: never record under it
+        old = record.get(keys[i]) if keys[i] is not None else None
+        if old is not None and not clean(old) and clean(row) and not update:
+            row.update(ok=False, error=f"recorded as failing ({old.get('error') or 'spills'}) but compiles clean "
+                                       "now: the record is stale, refresh it (bash ci/compile_check.sh "
+                                       "--update-record)")
+        rows[i] = row
+    for i in seen:
+        entry = record[keys[i]]
+        _, spec, arch, ints, _, _ = work[i]
+        rows[i] = {"name": spec_name(spec), "arch": arch, "ints": ints, "spec": spec, "key": keys[i],
+                   "recorded": True, **{k: entry[k] for k in RECORD_FIELDS if k in entry}}
+    stats = {"record": record_path, "entries": len(record), "jobs": len(work), "found": len(seen),
+             "compiled": len(todo), "unkeyed": sum(k is None for k in keys), "key_seconds": round(key_seconds, 1),
+             "compile_seconds": round(compile_seconds, 1), "mismatched": [rows[i]["name"] for i in sorted(mismatched)]}
+    if update:
+        version = triton.__version__
+        scope = {(version, arch, ints) for _, _, arch, ints, _, _ in work}
+        live = {k for k in keys if k is not None}
+        # entries of this triton, arch and int assumption that no job has any more: kernels since changed
+        kept = {k: e for k, e in record.items() if (e["triton"], e["arch"], e["ints"]) not in scope or k in live}
+        dropped = len(record) - len(kept)
+        added = 0
+        for i, row in zip(todo, compiled):
+            if keys[i] is not None and i not in mismatched:
+                added += keys[i] not in kept
+                kept[keys[i]] = record_entry(row, keys[i], version)
+        write_record(record_path, kept)
+        stats.update(added=added, dropped=dropped, entries_after=len(kept))
+    return rows, stats
 
 
 def _warm_work(job: tuple[str, dict[str, Any], int, str]) -> dict[str, Any]:
@@ -186,6 +355,48 @@ def warm_cache(specs: list[dict[str, Any]], root: str, arch: int, ints: list[str
 # --------------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------------
+
+NOMINAL_COPY_GBPS = 3000.0  # _sass_parse.NOMINAL_DRAM_BYTES_PER_S, in GB/s
+
+
+def find_copy_gbps(data: Any) -> float | None:
+    """The first positive ``copy_gbps`` in a GPU run's JSON, wherever it sits (ci/gpu.sh's results.json
+    holds it under the headline, a benchmark JSON under ``fastvae_bench.env``)."""
+    if isinstance(data, dict):
+        value = data.get("copy_gbps")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        items = data.values()
+    elif isinstance(data, list):
+        items = data
+    else:
+        return None
+    for item in items:
+        found = find_copy_gbps(item)
+        if found is not None:
+            return found
+    return None
+
+
+def dram_model(copy_bandwidth: str | None) -> dict[str, Any]:
+    """The cost model with its DRAM bandwidth: a measured copy bandwidth (GB/s, or a GPU run's JSON holding
+    one) when given, else the nominal default; ``dram_source`` says which, for the report."""
+    from _sass_parse import H100
+
+    if copy_bandwidth is None:
+        return {**H100, "dram_source": f"nominal default {H100['dram_bytes_per_s'] / 1e9:.0f} GB/s, not measured"}
+    try:
+        gbps: float | None = float(copy_bandwidth)
+        where = "given"
+    except ValueError:
+        with open(copy_bandwidth) as f:
+            gbps = find_copy_gbps(json.load(f))
+        where = f"from {os.path.basename(copy_bandwidth)}"
+        if gbps is None:
+            raise SystemExit(f"--copy-bandwidth {copy_bandwidth}: no positive copy_gbps in it") from None
+    if not gbps > 0:
+        raise SystemExit(f"--copy-bandwidth {copy_bandwidth}: not a positive bandwidth")
+    return {**H100, "dram_bytes_per_s": gbps * 1e9, "dram_source": f"measured copy bandwidth {gbps:.0f} GB/s ({where})"}
 
 
 def _widths(row: dict[str, Any], op: str) -> str:
@@ -278,7 +489,8 @@ def _summary(sel: list[dict[str, Any]]) -> list[str]:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     from _sass_parse import H100
 
-    m = H100
+    m = {**H100, "dram_bytes_per_s": meta.get("dram_bytes_per_s", H100["dram_bytes_per_s"]),
+         "dram_source": meta.get("dram_source", H100["dram_source"])}
     ptxas = ", ".join(f"sm_{a}: {v}" for a, v in meta["ptxas"].items())
     lines = [
         "# Machine-code report of the Triton kernels: predicted, not measured",
@@ -287,7 +499,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['launches']} launches, recorded under the Triton interpreter), compiled for "
         f"{', '.join('sm_' + str(a) for a in meta['archs'])} on a machine without a GPU with triton "
         f"{meta['triton']} ({ptxas}). Made by `python bench/sass_report.py --out DIR`; the numbers below come "
-        "from the machine code and a simple model of an H100, and no GPU ran any of it.",
+        "from the machine code and a simple model of an H100/H200, and no GPU ran any of it.",
         "",
         "**Assumptions.** Tensors are 16-byte aligned (`tt.divisibility = 16`, true of every fresh CUDA "
         "allocation). Integer arguments equal to 1 are constexprs, as the JIT makes them; every other integer "
@@ -296,9 +508,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            "is compiled both as a multiple of 16 (`div16`, the JIT's hint) and as not one (`odd`, no hint)")
         + ". Masks are taken as all-true.",
         "",
-        f"**Model.** An H100 SXM: {m['sms']} SMs at {m['clock_hz'] / 1e9:.2f} GHz, each issuing "
-        f"{m['issue_per_sm_clk']:.0f} warp-instructions per clock, and {m['dram_bytes_per_s'] / 1e12:.1f} TB/s "
-        "of DRAM bandwidth (a device-to-device copy measured on one). *issue*: the time to issue the hot "
+        f"**Model.** An H100/H200 SXM: {m['sms']} SMs at {m['clock_hz'] / 1e9:.2f} GHz, each issuing "
+        f"{m['issue_per_sm_clk']:.0f} warp-instructions per clock, and {m['dram_bytes_per_s'] / 1e12:.2f} TB/s "
+        f"of DRAM bandwidth: **{m['dram_source']}** (`--copy-bandwidth` takes a GPU run's measured copy "
+        "bandwidth). *issue*: the time to issue the hot "
         "path's instructions for one element on the whole GPU; *pipe*: the busiest execution pipe's time "
         "(lanes per SM per clock: FMA 128, IMAD 64, ALU 64, MUFU and conversions 16; approximate); *DRAM*: the "
         "time of the element's minimal bytes (tile-shaped loads and stores; scalar and indexed accesses left "
@@ -405,7 +618,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --specs: only compile into the Triton cache DIR (per-kernel seconds to --out)")
     ap.add_argument("--limit", type=int, help="with --warm-cache: the first N specializations only")
     ap.add_argument("--dump-sass", action="store_true", help="also write each SASS listing under DIR/sass/")
+    ap.add_argument("--compile-record", metavar="FILE", nargs="?", const=DEFAULT_RECORD,
+                    help="with --check-only: skip the specializations whose triton.compile hash this record "
+                         "holds a clean result for, compile the rest (default FILE: %(const)s)")
+    ap.add_argument("--update-record", action="store_true",
+                    help="with --check-only: write what was compiled into the compile record, drop the entries "
+                         "no specialization has any more (implies --compile-record)")
+    ap.add_argument("--copy-bandwidth", metavar="GBPS|FILE",
+                    help="the DRAM bandwidth of the model: a measured copy bandwidth in GB/s, or a GPU run's "
+                         "JSON holding copy_gbps (ci/gpu.sh's results.json, a benchmark JSON); default: the "
+                         f"nominal {NOMINAL_COPY_GBPS:.0f} GB/s")
     args = ap.parse_args(argv)
+    if args.update_record and not args.compile_record:
+        args.compile_record = DEFAULT_RECORD
+    if args.compile_record and not args.check_only:
+        ap.error("--compile-record and --update-record need --check-only")
     root = os.path.abspath(args.root)
     pytest_args = pytest_args or DEFAULT_PYTEST_ARGS
     run_programs = None if args.run_programs < 0 else args.run_programs
@@ -456,8 +683,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
+    model = dram_model(args.copy_bandwidth)
     t0 = time.time()
-    rows = compile_all(specs, root, archs, ints, args.jobs, args.cache_dir, sass=not args.check_only)
+    stats = None
+    if args.compile_record:
+        compile_env(args.cache_dir)
+        work = [(root, s, a, i, False, model) for s in specs for a in archs for i in ints]
+        rows, stats = check_with_record(work, os.path.abspath(args.compile_record), args.jobs, args.update_record)
+    else:
+        rows = compile_all(specs, root, archs, ints, args.jobs, args.cache_dir, sass=not args.check_only,
+                           model=model)
     seconds = time.time() - t0
     from _sass_compile import ptxas_path
 
@@ -471,8 +706,12 @@ def main(argv: list[str] | None = None) -> int:
         "launches": recording.get("launches"),
         "pytest_args": recording.get("pytest_args", []),
         "compile_seconds": round(seconds, 1),
-        "note": "predicted from SASS with a simple H100 model, not measured",
+        "dram_bytes_per_s": model["dram_bytes_per_s"],
+        "dram_source": model["dram_source"],
+        "note": "predicted from SASS with a simple H100/H200 model, not measured",
     }
+    if stats is not None:
+        meta["compile_record"] = stats
     if args.dump_sass:
         os.makedirs(os.path.join(args.out, "sass"), exist_ok=True)
         for i, r in enumerate(rows):
@@ -491,7 +730,11 @@ def main(argv: list[str] | None = None) -> int:
             f.write(markdown(rows, meta))
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r["ok"] and r["spills"]]
-    print(f"triton {triton.__version__}: {len(rows) - len(failed)}/{len(rows)} compiled "
+    if stats is not None:
+        # on stdout: the line a CI log is read for
+        print(record_summary(stats, failed, spilled, seconds))
+    print(f"triton {triton.__version__}: {len(rows) - len(failed)}/{len(rows)} "
+          f"{'ok (compiled or recorded clean)' if stats else 'compiled'} "
           f"({len(specs)} specializations x {len(archs)} arch x {len(ints)}), {len(spilled)} spill, "
           f"{seconds:.0f} s -> {args.out}", file=sys.stderr)
     for r in failed:
@@ -500,6 +743,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SPILLS sm_{r['arch']} {r['name']}: {r['spill_bytes']} bytes spilled (stores + loads), "
               f"{r['regs']} registers", file=sys.stderr)
     return 1 if (args.check or args.check_only) and (failed or spilled) else 0
+
+
+def record_summary(stats: dict[str, Any], failed: list[dict[str, Any]], spilled: list[dict[str, Any]],
+                   seconds: float) -> str:
+    """The check's outcome in a few lines: specializations found in the record, compiled, failed, the time."""
+    unkeyed = f", {stats['unkeyed']} of them without a key" if stats["unkeyed"] else ""
+    path = stats["record"]
+    path = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+    lines = [f"compile record {path} ({stats['entries']} entries): "
+             f"{stats['jobs']} specializations, {stats['found']} found in the record, {stats['compiled']} compiled"
+             f"{unkeyed}; {len(failed)} failed, {len(spilled)} spill; {seconds:.0f} s (keys "
+             f"{stats['key_seconds']:.0f} s, compiles {stats['compile_seconds']:.0f} s)"]
+    if stats["mismatched"]:
+        lines.append(f"  {len(stats['mismatched'])} compiled under another hash than their key (not recorded): "
+                     + ", ".join(stats["mismatched"][:5]))
+    if "added" in stats:
+        lines.append(f"  record updated: {stats['added']} added, {stats['dropped']} dropped (no longer launched "
+                     f"or changed), {stats['entries_after']} entries")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

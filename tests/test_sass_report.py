@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -328,3 +329,230 @@ def test_warm_cache_key_is_the_launch_key(monkeypatch, n):
     assert _sass_compile.cache_key(ROOT, spec, 90, ints) == _jit_launch_key(jit, args, kwargs)
     other = "odd" if ints == "div16" else "div16"  # the key does see the divisibility of the size
     assert _sass_compile.cache_key(ROOT, spec, 90, other) != _jit_launch_key(jit, args, kwargs)
+
+
+# ---- the compile record: keys computed without compiling, and a check that compiles only unseen keys ----
+
+HELPERS = '''
+import triton
+
+
+@triton.jit
+def shift(x):
+    return x + 1.0
+'''
+
+TINY = '''
+import triton
+import triton.language as tl
+
+from .helpers import shift
+
+
+@triton.jit
+def tiny_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(x_ptr + offs, shift(x) * 2.0, mask=offs < n)
+'''
+
+
+def _tiny_spec(block: int = 128, num_warps: int = 4) -> dict:
+    return {"module": "reckernels.tiny", "kernel": "tiny_kernel", "file": "reckernels/tiny.py",
+            "args": {"x_ptr": {"kind": "tensor", "dtype": "fp32"}, "n": {"kind": "int", "type": "i32", "one": False},
+                     "BLOCK": {"kind": "constexpr", "value": block}},
+            "options": {"num_warps": num_warps}}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A throwaway kernel package under tmp_path; ``write(kernel=..., helpers=...)`` replaces its files and
+    forgets the imported modules, so the next key sees the new source."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("GPU-target keys need TRITON_INTERPRET unset before triton is imported")
+    sc = pytest.importorskip("_sass_compile")
+    pkg = tmp_path / "reckernels"
+    pkg.mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+
+    def write(kernel: str = TINY, helpers: str = HELPERS) -> None:
+        (pkg / "tiny.py").write_text(kernel)
+        (pkg / "helpers.py").write_text(helpers)
+        for name in ("reckernels", "reckernels.tiny", "reckernels.helpers"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+
+    def key(spec: dict) -> str:
+        return sc.compile_hash(str(tmp_path), spec, 90, "div16")
+
+    write()
+    return types.SimpleNamespace(root=str(tmp_path), write=write, key=key)
+
+
+def test_record_key_is_stable_for_identical_specs(tiny):
+    first = tiny.key(_tiny_spec())
+    assert len(first) == 64 and tiny.key(_tiny_spec()) == first
+    tiny.write()  # the same source imported again
+    assert tiny.key(_tiny_spec()) == first
+
+
+def test_record_key_changes_with_the_kernel_or_a_jit_function_it_calls(tiny):
+    before = tiny.key(_tiny_spec())
+    tiny.write(kernel=TINY.replace("* 2.0", "* 3.0"))
+    kernel_changed = tiny.key(_tiny_spec())
+    tiny.write(helpers=HELPERS.replace("x + 1.0", "x + 2.0"))  # only the called function changes
+    helper_changed = tiny.key(_tiny_spec())
+    assert len({before, kernel_changed, helper_changed}) == 3
+    tiny.write()
+    assert tiny.key(_tiny_spec()) == before
+
+
+def test_record_key_changes_with_constexprs_and_options(tiny):
+    keys = {tiny.key(_tiny_spec(128)), tiny.key(_tiny_spec(256)), tiny.key(_tiny_spec(128, num_warps=8))}
+    assert len(keys) == 3
+
+
+def test_record_key_is_the_compiled_kernels_hash(tiny, monkeypatch):
+    """The key computed without compiling is the hash triton.compile gives the kernel: the record is looked up
+    under what a compile would produce."""
+    sc = sys.modules["_sass_compile"]
+    monkeypatch.setenv("TRITON_DUMP_PTXAS_LOG", "1")
+    r = sc.compile_spec(tiny.root, _tiny_spec(), 90, "div16", sass=False)
+    if not r["ok"] and ("ptxas" in r["error"] or "No such file" in r["error"]):
+        pytest.skip(f"no sm_90 compile here: {r['error'][:200]}")
+    assert r["ok"], r["error"]
+    assert r["hash"] == tiny.key(_tiny_spec())
+
+
+def _mock_compile(results: dict | None = None):
+    """A compile_work stand-in: records the jobs it is given; each comes out clean with its real hash unless
+    ``results`` maps its BLOCK to another outcome."""
+    import _sass_compile
+    import sass_report
+
+    calls: list[list[int]] = []
+
+    def compile_fn(work, jobs):
+        calls.append([spec["args"]["BLOCK"]["value"] for _, spec, _, _, _, _ in work])
+        rows = []
+        for root, spec, arch, ints, _, _ in work:
+            row = {"ok": True, "regs": 40, "spills": False, "spill_bytes": 0, "local_bytes": 0, "stack_bytes": 0,
+                   "shared_bytes": 0, "num_warps": 4, "hash": _sass_compile.compile_hash(root, spec, arch, ints)}
+            row.update((results or {}).get(spec["args"]["BLOCK"]["value"], {}))
+            rows.append({"name": sass_report.spec_name(spec), "arch": arch, "ints": ints, "spec": spec, **row})
+        return rows
+
+    return compile_fn, calls
+
+
+def test_check_compiles_unseen_keys_and_skips_seen_ones(tiny, tmp_path):
+    import sass_report
+
+    record = str(tmp_path / "record.json")
+    work = [(tiny.root, _tiny_spec(b), 90, "div16", False, {}) for b in (128, 256)]
+    compile_fn, calls = _mock_compile()
+    rows, stats = sass_report.check_with_record(work, record, 1, update=True, compile_fn=compile_fn)
+    assert calls == [[128, 256]] and stats["found"] == 0 and stats["added"] == 2
+    assert all(r["ok"] for r in rows)
+
+    # a warm record: nothing compiles, the rows come from the record
+    rows, stats = sass_report.check_with_record(work, record, 1, compile_fn=compile_fn)
+    assert calls[-1] == [] and stats["found"] == 2 and all(r["recorded"] for r in rows)
+
+    # a new constexpr mode is unseen: only it compiles
+    work.append((tiny.root, _tiny_spec(512), 90, "div16", False, {}))
+    rows, stats = sass_report.check_with_record(work, record, 1, compile_fn=compile_fn)
+    assert calls[-1] == [512] and stats["found"] == 2 and stats["compiled"] == 1
+
+    # a changed kernel: every key is new and compiles, and its failure is not hidden by the record
+    tiny.write(kernel=TINY.replace("* 2.0", "* 3.0"))
+    compile_fn, calls = _mock_compile({256: {"ok": False, "error": "CompilationError: broken"}})
+    rows, stats = sass_report.check_with_record(work, record, 1, compile_fn=compile_fn)
+    assert calls == [[128, 256, 512]] and stats["found"] == 0
+    assert [r["ok"] for r in rows] == [True, False, True]
+
+
+def test_a_recorded_failure_still_fails(tiny, tmp_path):
+    import sass_report
+
+    record = str(tmp_path / "record.json")
+    work = [(tiny.root, _tiny_spec(b), 90, "div16", False, {}) for b in (128, 256)]
+    compile_fn, calls = _mock_compile({256: {"spills": True, "spill_bytes": 64}})
+    sass_report.check_with_record(work, record, 1, update=True, compile_fn=compile_fn)
+    entry = sass_report.load_record(record)[tiny.key(_tiny_spec(256))]
+    assert entry["ok"] and entry["spills"]  # recorded: it compiled, and spilled
+
+    # the spill is compiled again, not skipped, and fails whether or not the fresh compile reproduces it
+    rows, stats = sass_report.check_with_record(work, record, 1, compile_fn=compile_fn)
+    assert calls[-1] == [256] and stats["found"] == 1 and rows[1]["spills"]
+    clean_now, calls = _mock_compile()
+    rows, _ = sass_report.check_with_record(work, record, 1, compile_fn=clean_now)
+    assert calls == [[256]] and not rows[1]["ok"] and "stale" in rows[1]["error"]
+
+    # --update-record takes the fresh result; then the key is clean and skipped
+    sass_report.check_with_record(work, record, 1, update=True, compile_fn=clean_now)
+    _, stats = sass_report.check_with_record(work, record, 1, compile_fn=clean_now)
+    assert calls[-1] == [] and stats["found"] == 2
+
+
+def test_update_drops_entries_no_specialization_has(tiny, tmp_path):
+    import sass_report
+
+    record = str(tmp_path / "record.json")
+    work = [(tiny.root, _tiny_spec(b), 90, "div16", False, {}) for b in (128, 256)]
+    compile_fn, _ = _mock_compile()
+    sass_report.check_with_record(work, record, 1, update=True, compile_fn=compile_fn)
+    tiny.write(kernel=TINY.replace("* 2.0", "* 3.0"))
+    _, stats = sass_report.check_with_record(work, record, 1, update=True, compile_fn=compile_fn)
+    assert stats["added"] == 2 and stats["dropped"] == 2
+    assert set(sass_report.load_record(record)) == {tiny.key(_tiny_spec(128)), tiny.key(_tiny_spec(256))}
+
+
+def test_plan_compiles_what_has_no_clean_entry():
+    import sass_report
+
+    record = {"a": {"ok": True, "spills": False}, "b": {"ok": False}, "c": {"ok": True, "spills": True}}
+    assert sass_report.plan(["a", "b", "c", "d", None], record) == ([1, 2, 3, 4], [0])
+
+
+def test_a_kernel_without_a_key_is_compiled(tiny):
+    import sass_report
+
+    tiny.write(kernel=TINY + "\nsyntax error here\n")
+    assert sass_report.job_keys([(tiny.root, _tiny_spec(), 90, "div16", False, {})]) == [None]
+
+
+def test_dram_bandwidth_measured_or_nominal(tmp_path):
+    import sass_report
+
+    nominal = sass_report.dram_model(None)
+    assert nominal["dram_bytes_per_s"] == 3.0e12 and "nominal" in nominal["dram_source"]
+    given = sass_report.dram_model("4200")
+    assert given["dram_bytes_per_s"] == 4.2e12 and "measured" in given["dram_source"]
+    results = tmp_path / "results.json"
+    results.write_text('{"env": {}, "info": {"headline": {"copy_gbps": 4410.5, "ops": []}}}')
+    from_file = sass_report.dram_model(str(results))
+    assert from_file["dram_bytes_per_s"] == pytest.approx(4.4105e12) and "results.json" in from_file["dram_source"]
+    # the model's DRAM time follows the bandwidth given
+    fast = sp.predict(["FFMA"] * 8, elements_per_thread=8, bytes_per_element=12, model=from_file)
+    assert fast["dram_ps_per_element"] == pytest.approx(12 / 4.4105e12 * 1e12)
+    results.write_text('{"headline": {"copy_gbps": null}}')
+    with pytest.raises(SystemExit, match="copy_gbps"):
+        sass_report.dram_model(str(results))
+
+
+def test_a_record_from_other_checking_code_is_ignored(tiny, tmp_path):
+    """Triton's key does not cover how a compile becomes a verdict (spill parsing and the like): a record
+    written by other such code is not trusted, and everything compiles."""
+    import json
+
+    import sass_report
+
+    record = tmp_path / "record.json"
+    work = [(tiny.root, _tiny_spec(), 90, "div16", False, {})]
+    compile_fn, calls = _mock_compile()
+    sass_report.check_with_record(work, str(record), 1, update=True, compile_fn=compile_fn)
+    data = json.loads(record.read_text())
+    assert data["checker"] == sass_report.checker_hash() and len(data["entries"]) == 1
+    record.write_text(record.read_text().replace(data["checker"], "0" * 16))
+    _, stats = sass_report.check_with_record(work, str(record), 1, compile_fn=compile_fn)
+    assert calls[-1] == [128] and stats["found"] == 0
