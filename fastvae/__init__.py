@@ -17,10 +17,14 @@ from ._checks import (
     use_backend,
 )
 from .functional import (
+    VQ_PRESETS,
+    CodebookUsage,
     ShapeError,
     TCDecomposition,
+    VQOutput,
     binary_cross_entropy_with_logits,
     bits_per_dim,
+    codebook_usage,
     discretized_gaussian_nll,
     discretized_logistic_nll,
     discretized_mix_logistic_nll,
@@ -37,6 +41,7 @@ from .functional import (
     sample_discretized_mix_logistic,
     sample_log_weights,
     tc_decomposition,
+    vector_quantize,
     zinb_nll,
 )
 
@@ -51,6 +56,8 @@ __all__ = [
     "set_default_validate_args",
     "use_backend",
     "binary_cross_entropy_with_logits",
+    "codebook_usage",
+    "CodebookUsage",
     "bits_per_dim",
     "discretized_gaussian_nll",
     "discretized_logistic_nll",
@@ -72,5 +79,8 @@ __all__ = [
     "ShapeError",
     "tc_decomposition",
     "TCDecomposition",
+    "vector_quantize",
+    "VQ_PRESETS",
+    "VQOutput",
     "zinb_nll",
 ]

@@ -61,8 +61,12 @@ def _calls(device: torch.device) -> dict:
     def mmd():
         return fastvae.mmd(leaf(r(8, 3)), r(8, 3), backend="triton")
 
+    def vq():
+        out = fastvae.vector_quantize(leaf(r(2, 4, 3, 3)), leaf(r(40, 4)), dim=1, backend="triton")
+        return out.loss + out.quantized.sum()
+
     return {"sample_kl": sample_kl, "nll": nll, "bce": bce, "poisson": poisson, "zinb": zinb, "dmol": dmol,
-            "disc": disc, "tc": tc, "mmd": mmd}
+            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq}
 
 
 @triton_only

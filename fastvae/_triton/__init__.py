@@ -23,3 +23,6 @@ from .discretized import discretized_nll, dmol_nll, sample_dmol  # noqa: E402
 
 __all__ += ["discretized", "discretized_nll", "dmol_nll", "sample_dmol"]
 __all__ += ["mmd", "tc_log_densities"]
+from .vq import vq_search  # noqa: E402
+
+__all__ += ["vq_search"]

@@ -41,3 +41,6 @@ from .discretized import (  # noqa: E402
 __all__ += ["bits_per_dim", "discretized_gaussian_nll", "discretized_logistic_nll",
             "discretized_mix_logistic_nll", "sample_discretized_mix_logistic"]
 __all__ += ["TCDecomposition", "mmd", "tc_decomposition"]
+from .vq import VQ_PRESETS, CodebookUsage, VQOutput, codebook_usage, vector_quantize  # noqa: E402
+
+__all__ += ["CodebookUsage", "VQ_PRESETS", "VQOutput", "codebook_usage", "vector_quantize"]

@@ -1,0 +1,222 @@
+"""Vector quantization against float64 transcriptions of the peers' formulas: taming-transformers'
+VectorQuantizer2 (legacy and fixed), vector-quantize-pytorch's cosine search and rotation trick, vqtorch's and
+DAC's weightings; indices, losses, gradients, ties, layouts, empty and single-token inputs, bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKEND, DTYPES
+
+import fastvae
+from fastvae.functional.vq import _token_view
+
+SHAPES = [(1, 1, 1), (37, 70, 5), (130, 129, 33), (65, 200, 80)]  # (N, K, D): no multiples of the tiles
+
+
+def _brute_force(z: torch.Tensor, e: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """taming's search in float64: the expanded distances, torch.argmin (first index on ties)."""
+    z, e = z.double(), e.double()
+    if cosine:  # vector-quantize-pytorch's use_cosine_sim: l2norm both, argmax of the similarity
+        return (F.normalize(z, dim=-1) @ F.normalize(e, dim=-1).t()).argmax(-1)
+    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
+    return d.argmin(-1)
+
+
+def _distance(z, e, idx, cosine):
+    z, e = z.double(), e.double()
+    if cosine:
+        return -(F.normalize(z, dim=-1) * F.normalize(e, dim=-1)[idx]).sum(-1)
+    return (z - e[idx]).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_search_matches_float64(dtype, shape, metric, backend, device):
+    n, k, d = shape
+    z = torch.randn(n, d, device=device).to(dtype)
+    e = torch.randn(k, d, device=device).to(dtype)
+    out = fastvae.vector_quantize(z, e, metric=metric, backend=backend)
+    ref = _brute_force(z, e, metric == "cosine")
+    assert out.indices.dtype == torch.int64 and out.indices.shape == (n,)
+    if dtype in (torch.float64, torch.float32) and metric == "euclidean" and d < 8:
+        torch.testing.assert_close(out.indices, ref, rtol=0, atol=0)
+    # elsewhere a different index is allowed only at a near tie: within the rounding of the expanded form,
+    # about D ulps of fp32 at the scale of ||z||^2 + ||e||^2 (the values are the same 16-bit numbers)
+    got, best = _distance(z, e, out.indices, metric == "cosine"), _distance(z, e, ref, metric == "cosine")
+    scale = z.double().pow(2).sum(-1) + e.double().pow(2).sum(-1).max() if metric == "euclidean" else 1.0
+    assert (got - best <= 8 * d * 2**-23 * scale + 1e-12).all()
+    assert (out.indices != ref).float().mean() <= 0.05
+
+
+@pytest.mark.parametrize("heads", [2, 3])
+def test_one_codebook_per_head(heads, backend, device):
+    z = torch.randn(4, 5, 6 * heads, device=device)
+    e = torch.randn(heads, 40, 6, device=device)
+    out = fastvae.vector_quantize(z, e, backend=backend)
+    assert out.indices.shape == (4, 5, heads)
+    zh = z.reshape(20, heads, 6)
+    for h in range(heads):
+        torch.testing.assert_close(out.indices.reshape(20, heads)[:, h], _brute_force(zh[:, h], e[h], False))
+    torch.testing.assert_close(out.quantized.reshape(20, heads, 6),
+                               torch.stack([e[h][out.indices.reshape(20, heads)[:, h]] for h in range(heads)], 1))
+
+
+def test_ties_go_to_the_lowest_index(backend, device):
+    e = torch.randn(150, 4, device=device)
+    e[140] = e[3]  # an exact duplicate, in another tile of 64 codes
+    e[70] = e[3]
+    z = torch.cat([e[3:4], e[3:4] + 1e-3, e[140:141]])
+    out = fastvae.vector_quantize(z, e, backend=backend)
+    assert out.indices.tolist() == [3, 3, 3]
+
+
+def test_nan_token_gives_index_of_torch_argmin(backend, device):
+    z = torch.randn(3, 4, device=device)
+    z[1, 2] = float("nan")
+    e = torch.randn(100, 4, device=device)
+    out = fastvae.vector_quantize(z, e, backend=backend)
+    assert out.indices[1] == _brute_force(z, e, False)[1] == 0
+    assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_feature_maps_read_in_place(layout, backend, device):
+    b, d, h, w = 2, 8, 3, 5
+    x = torch.randn(b, d, h, w, device=device)
+    e = torch.randn(33, d, device=device)
+    if layout == "channels_first":
+        z, dim = x, 1
+    else:
+        z, dim = x.permute(0, 2, 3, 1).contiguous(), -1
+    view = _token_view(z.movedim(dim, -1), d)
+    assert view.data_ptr() == z.data_ptr()  # the kernel reads the map where it lies
+    out = fastvae.vector_quantize(z, e, dim=dim, backend=backend)
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, d)
+    ref = _brute_force(tokens, e, False)
+    torch.testing.assert_close(out.indices.reshape(-1), ref)
+    assert out.quantized.shape == z.shape and out.quantized.is_contiguous()
+    torch.testing.assert_close(out.quantized.movedim(dim, -1).reshape(-1, d), e[ref])
+
+
+def _taming(z, e, beta, legacy):
+    """VectorQuantizer2.forward's loss and output in float64 (taming-transformers, diffusers' copy)."""
+    idx = _brute_force(z, e, False)
+    z_q = e[idx]
+    if legacy:
+        loss = torch.mean((z_q.detach() - z) ** 2) + beta * torch.mean((z_q - z.detach()) ** 2)
+    else:
+        loss = beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
+    return z + (z_q - z).detach(), loss
+
+
+@pytest.mark.parametrize("preset", ["taming_legacy", "taming", "vqtorch", "dac"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_losses_and_gradients_match_the_peers(dtype, preset, backend, device):
+    z0 = torch.randn(50, 6, device=device)
+    e0 = torch.randn(30, 6, device=device)
+    z, e = z0.to(dtype).requires_grad_(), e0.to(dtype).requires_grad_()
+    out = fastvae.vector_quantize(z, e, preset=preset, backend=backend)
+    w = torch.randn_like(out.quantized)
+    (out.loss + (out.quantized * w).sum()).backward()
+
+    zr, er = z.detach().double().requires_grad_(), e.detach().double().requires_grad_()
+    if preset.startswith("taming"):
+        q, loss = _taming(zr, er, 0.25, preset == "taming_legacy")
+    else:  # vqtorch: (1 - beta) commitment + beta codebook, beta = .95; DAC: .25 commitment + 1.0 codebook
+        cw, bw = (0.05, 0.95) if preset == "vqtorch" else (0.25, 1.0)
+        zq = er[_brute_force(zr, er, False)]
+        loss = cw * F.mse_loss(zr, zq.detach()) + bw * F.mse_loss(zq, zr.detach())
+        q = zr + (zq - zr).detach()
+    (loss + (q * w.double()).sum()).backward()
+    rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}.get(dtype, (2e-2, 2e-2))
+    torch.testing.assert_close(out.loss.double(), loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.quantized.double(), q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(z.grad.double(), zr.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(e.grad.double(), er.grad, rtol=rtol, atol=atol)
+
+
+def _lucidrains_rotate_to(src, tgt):
+    """vector-quantize-pytorch's rotate_to / efficient_rotation_trick_transform, transcribed."""
+    safe_div = lambda num, den: num / den.clamp(min=1e-6)  # noqa: E731
+    norm_src, norm_tgt = src.norm(dim=-1, keepdim=True), tgt.norm(dim=-1, keepdim=True)
+    u, q, e = safe_div(src, norm_src), safe_div(tgt, norm_tgt), src
+    e3 = e[:, None, :]
+    w = F.normalize(u + q, dim=1).detach()
+    rot = (e3 - 2 * (e3 @ w[:, :, None] @ w[:, None, :])
+           + 2 * (e3 @ u[:, :, None].detach() @ q[:, None, :].detach())).squeeze(1)
+    return rot * safe_div(norm_tgt, norm_src).detach()
+
+
+def test_rotation_trick_matches_vector_quantize_pytorch(backend, device):
+    z = torch.randn(40, 7, device=device, dtype=torch.float64 if backend == "torch" else torch.float32)
+    e = torch.randn(25, 7, device=device, dtype=z.dtype)
+    z.requires_grad_()
+    out = fastvae.vector_quantize(z, e, estimator="rotation", backend=backend)
+    g = torch.randn_like(out.quantized)
+    (out.quantized * g).sum().backward()
+    zr = z.detach().double().requires_grad_()
+    q = _lucidrains_rotate_to(zr, e.double()[_brute_force(zr, e, False)])
+    (q * g.double()).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if z.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.quantized.double(), q.detach(), **tol)
+    torch.testing.assert_close(out.quantized.double(), e.double()[out.indices], **tol)  # the value is z_q
+    torch.testing.assert_close(z.grad.double(), zr.grad, **tol)
+    assert not torch.allclose(z.grad, g)  # the gradient is rotated, not copied as straight-through does
+
+
+def test_empty_and_single_token(backend, device):
+    e = torch.randn(9, 4, device=device)
+    out = fastvae.vector_quantize(torch.randn(0, 4, device=device), e, backend=backend)
+    assert out.indices.shape == (0,) and out.quantized.shape == (0, 4) and torch.isnan(out.loss)  # mean of none
+    one = torch.randn(1, 4, device=device)
+    assert fastvae.vector_quantize(one, e, backend=backend).indices.item() == _brute_force(one, e, False).item()
+
+
+def test_codebook_usage_matches_the_one_hot_formula(device):
+    idx = torch.randint(0, 20, (500,), device=device)
+    idx[idx == 7] = 8  # an unused code
+    usage = fastvae.codebook_usage(idx, 20)
+    onehot = F.one_hot(idx, 20).double()
+    p = onehot.mean(0)
+    torch.testing.assert_close(usage.counts, onehot.sum(0).long())
+    ent = -(p[p > 0] * p[p > 0].log()).sum()
+    torch.testing.assert_close(usage.perplexity.double(), ent.exp(), rtol=1e-6, atol=0)
+    assert usage.active.item() == int((p > 0).sum())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(metric="l1"), ValueError, "metric"),
+        (dict(estimator="gumbel"), ValueError, "estimator"),
+        (dict(preset="mine"), ValueError, "preset"),
+        (dict(dim=5), ValueError, "dim"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastvae.vector_quantize(torch.randn(3, 4), torch.randn(5, 4), **kwargs)
+
+
+def test_bad_shapes_and_types():
+    with pytest.raises(ValueError, match="codebook"):
+        fastvae.vector_quantize(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="codebook"):
+        fastvae.vector_quantize(torch.randn(3, 4), torch.randn(0, 4))
+    with pytest.raises(TypeError, match="z"):
+        fastvae.vector_quantize(torch.ones(3, 4, dtype=torch.long), torch.randn(5, 4))
+    with pytest.raises(TypeError, match="indices"):
+        fastvae.codebook_usage(torch.rand(3), 4)
+    with pytest.raises(ValueError, match="codebook_size"):
+        fastvae.codebook_usage(torch.zeros(3, dtype=torch.long), 0)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the eager path's compile test")
+def test_compiles_without_graph_break():
+    z, e = torch.randn(20, 6, requires_grad=True), torch.randn(11, 6, requires_grad=True)
+    fn = lambda z, e: fastvae.vector_quantize(z, e, estimator="rotation").loss  # noqa: E731
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(z, e), fn(z, e))
