@@ -4,6 +4,7 @@ Per element i, with d = input - target and v the variance entry of i (var form) 
 form):
 
     var form:    vc = max(v, eps)    loss = 0.5 * (log vc + d^2 / vc)         [+ 0.5 log 2 pi]
+                 (vc = NaN for v < 0 or NaN: an invalid variance gives NaN, never a clamped finite value)
                  dloss/dinput = d / vc       dloss/dvar = 0.5 * (1 / vc - d^2 / vc^2)
     logvar form:                     loss = 0.5 * (v + d^2 * exp(-v))         [+ 0.5 log 2 pi]
                  dloss/dinput = d * exp(-v)  dloss/dlogvar = 0.5 * (1 - d^2 * exp(-v))
@@ -16,6 +17,10 @@ on the device when grad_output is exactly 1.
 The variance is indexed, never materialized: VAR_MODE 0 reads var[i], 1 reads a single scalar, 2 reads
 var[((i // v_div) % v_mod) * v_mul + i % v_mod2], which covers one broadcast dim in the middle (torch's
 homoscedastic forms, per-row) and one kept group between broadcast ones (per-feature, per-channel).
+
+The target may be an integer tensor (uint8 pixels), converted on load as torch's promotion would. Offsets
+are int32 unless WIDE (N + BLOCK >= 2^31, chosen on the host): 64-bit divisions of the indexed variance cost
+several times the 32-bit ones.
 
 Bytes for N elements: reads 2N (+N for a per-element variance), writes N for the input gradient when asked,
 N for a per-element variance gradient, N for reduction="none" or fp32 partials otherwise (one per program,
@@ -39,14 +44,17 @@ GV_PARTIAL = tl.constexpr(2)  # a scalar variance: one fp32 partial per program
 @triton.jit
 def gaussian_nll_fwd_kernel(
     x_ptr, t_ptr, v_ptr,
-    loss_ptr, gx_ptr, gv_ptr, neg_ptr,
+    loss_ptr, gx_ptr, gv_ptr,
     n, v_div, v_mod, v_mul, v_mod2,
     eps, const, grad_scale, row_len,
     LOGVAR: tl.constexpr, VAR_MODE: tl.constexpr, REDUCE: tl.constexpr, PER_ROW: tl.constexpr,
     LONG_ROWS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_VAR: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -64,10 +72,9 @@ def gaussian_nll_fwd_kernel(
         loss = 0.5 * (v + d2_iv) + const
         gv = 0.5 * (1.0 - d2_iv)
     else:
-        # torch raises on a negative variance; flag it on the device (benign same-value stores, no sync)
-        n_neg = tl.sum((tl.where(mask, v, 0.0) < 0.0).to(tl.int32), axis=0)
-        tl.store(neg_ptr, 1, mask=n_neg > 0)
-        vc = tl.maximum(v, eps)
+        # torch's clamp(min=eps), written as a select: max.f32 would return eps for a NaN variance; and a
+        # negative variance (invalid, which the host check reports when it runs) becomes NaN, not eps
+        vc = tl.where(v < 0.0, float("nan"), tl.where(v < eps, eps, v))
         inv_v = 1.0 / vc
         d2_iv = d * d * inv_v
         loss = 0.5 * (tl.log(vc) + d2_iv) + const

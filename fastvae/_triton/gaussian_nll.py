@@ -13,11 +13,13 @@ import triton
 from torch import Tensor
 
 from ..kernels import gaussian_nll as nll_k
+from ..reference import gaussian as ref_gaussian
 from . import common
 from .common import GO_SCALAR, Reduction, grad_dtype, launch_config
 
 VAR_FULL, VAR_SCALAR, VAR_INDEXED = 0, 1, 2
 GV_OFF, GV_ELEMENTWISE, GV_PARTIAL = 0, 1, 2
+INT32_OFFSETS = 2**31  # element offsets at or past this take the kernel's int64 arithmetic (WIDE)
 
 
 def _var_index(in_shape: torch.Size, var_shape: torch.Size) -> "Optional[tuple[int, int, int, int, int]]":
@@ -74,7 +76,7 @@ def nll_supported(input: Tensor, target: Tensor, var: Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("fastvae::gaussian_nll", mutates_args=())
+@common.custom_op("fastvae::gaussian_nll")
 def _gaussian_nll_op(
     input: Tensor,
     target: Tensor,
@@ -87,10 +89,12 @@ def _gaussian_nll_op(
     grad_var: bool,
     out_dtype: torch.dtype,
     gx_dtype: torch.dtype,
-) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
-    """(loss, dloss/dinput, dloss/dvar, negative-var flag); the gradients scaled by the reduction, dloss/dinput
-    kept in ``gx_dtype``."""
+) -> "tuple[Tensor, Tensor, Tensor]":
+    """(loss, dloss/dinput, dloss/dvar); the gradients scaled by the reduction, dloss/dinput kept in
+    ``gx_dtype``. ``input`` and ``target`` contiguous (the caller permutes a dense layout to that), ``target``
+    of any floating or integer dtype."""
     n = input.numel()
+    var = var if var.numel() == 1 else var.contiguous()  # var-sized (often tiny); a full var is already
     mode, v_div, v_mod, v_mul, v_mod2 = _var_index(input.shape, var.shape)
     block, warps = launch_config(n)
     grid = triton.cdiv(n, block)
@@ -99,20 +103,19 @@ def _gaussian_nll_op(
     gx = common.alloc(input, input.shape if grad_input else (0,), gx_dtype)
     gv_mode, gv_dtype = _var_grad_plan(mode, red, grad_var, var.dtype)
     gv = common.alloc(input, {GV_OFF: (0,), GV_PARTIAL: (grid,)}.get(gv_mode, input.shape), gv_dtype)
-    neg = torch.zeros(1, dtype=torch.int32, device=input.device)
     if n:
         nll_k.gaussian_nll_fwd_kernel[(grid,)](
-            input, target, var if mode != VAR_SCALAR else var.reshape(-1)[:1],
-            loss, gx, gv, neg,
+            input, target.contiguous(), var if mode != VAR_SCALAR else var.reshape(-1)[:1],
+            loss, gx, gv,
             n, v_div, v_mod, v_mul, v_mod2,
             eps, 0.5 * math.log(2 * math.pi) if full else 0.0, red.scale, red.row_len,
             LOGVAR=logvar_form, VAR_MODE=mode, **red.constexprs(block),
-            GRAD_X=grad_input, GRAD_VAR=gv_mode, BLOCK=block, num_warps=warps,
+            GRAD_X=grad_input, GRAD_VAR=gv_mode, BLOCK=block, WIDE=n + block >= INT32_OFFSETS, num_warps=warps,
         )
     loss = red.finish(loss, block, out_dtype)
     if gv_mode == GV_PARTIAL:
         gv = common.finish_sum(gv, red.scale, torch.float32)
-    return loss, gx, gv, neg
+    return loss, gx, gv
 
 
 @_gaussian_nll_op.register_fake
@@ -122,26 +125,33 @@ def _(input, target, var, full, eps, reduction, logvar_form, grad_input, grad_va
     gx = input.new_empty(input.shape if grad_input else (0,), dtype=gx_dtype)
     gv_mode, gv_dtype = _var_grad_plan(_var_index(input.shape, var.shape)[0], red, grad_var, var.dtype)
     gv = input.new_empty({GV_OFF: (0,), GV_PARTIAL: ()}.get(gv_mode, input.shape), dtype=gv_dtype)
-    return loss, gx, gv, input.new_empty(1, dtype=torch.int32)
+    return loss, gx, gv
 
 
 def _nll_setup(ctx, inputs, output):
     input, target, var, full, eps, reduction, logvar_form, grad_input, grad_var, out_dtype, gx_dtype = inputs
-    _, gx, gv, neg = output
-    ctx.mark_non_differentiable(gx, gv, neg)
+    _, gx, gv = output
+    ctx.mark_non_differentiable(gx, gv)
     # the gradients the forward wrote are what backward needs; scaling them in place bumps their
-    # version, so a second backward through the same graph fails loudly instead of double-scaling
-    ctx.save_for_backward(gx, gv)
+    # version, so a second backward through the same graph fails loudly instead of double-scaling. The
+    # inputs (alive in the caller anyway) serve a create_graph backward only.
+    ctx.save_for_backward(gx, gv, input, target, var)
     ctx.red = Reduction.plan(reduction, tuple(input.shape))
     ctx.dtypes = (input.dtype, target.dtype, var.dtype)
     ctx.var_shape = var.shape
+    ctx.formula = ref_gaussian._nll_formula(logvar_form, full, eps, reduction)
 
 
-def _nll_backward(ctx, grad_loss, _gx, _gv, _neg):
-    gx, gv = ctx.saved_tensors
+def _nll_backward(ctx, grad_loss, _gx, _gv):
+    gx, gv, input, target, var = ctx.saved_tensors
+    need_input, need_target, need_var = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        # create_graph=True: the formula differentiated with the graph kept, torch's second-order terms (the
+        # forward-written gradient is a plain value: differentiating it would drop them silently)
+        return common.differentiable_backward(ctx.formula, (input, target, var), ctx.needs_input_grad[:3],
+                                              (grad_loss,)) + (None,) * 8
     red = ctx.red
     t_in, t_t, t_v = ctx.dtypes
-    need_input, need_target, need_var = ctx.needs_input_grad[:3]
     grad_input = grad_target = grad_var = None
     if need_input and need_target and t_in == t_t:
         grad_input = common.apply_grad_output(gx, grad_loss, red, t_in)
@@ -168,6 +178,29 @@ _gaussian_nll_op.register_autograd(_nll_backward, setup_context=_nll_setup)
 common.register_autocast_fp32(_gaussian_nll_op, 9)
 
 
+def _dims_by_stride(t: Tensor) -> "list[int]":
+    """t's dims outermost first in memory (largest stride first; ties, size-1 dims, keep their order)."""
+    return sorted(range(t.dim()), key=lambda i: -t.stride(i) if t.shape[i] != 1 else -math.inf)
+
+
+def _memory_order(input: Tensor, target: Tensor, reduction: str) -> "Optional[list[int]]":
+    """The permutation that makes a dense, non-contiguous ``input`` (channels_last, a transpose, any dense
+    permutation) contiguous, so the kernel walks it in memory order: input and a target of the same layout
+    are then read in place, var permuted alike (indexed as before, copied only if its layout differs), and a
+    per-element loss and the gradients come back in the input's layout. None: nothing to permute. Reductions
+    over dim 0 (per_sample's rows, batchmean's 1/B) need dim 0 to stay outermost."""
+    if input.dim() < 2 or input.is_contiguous() or not common.dense(input):
+        return None
+    if not common.same_dense_layout(input, target):
+        return None
+    perm = _dims_by_stride(input)
+    if perm == list(range(input.dim())):
+        return None
+    if reduction in ("per_sample", "batchmean") and perm[0] != 0 and input.shape[0] != 1:
+        return None
+    return perm
+
+
 def gaussian_nll(
     input: Tensor, target: Tensor, var: Tensor, *, logvar_form: bool, full: bool, eps: float, reduction: str,
     out_dtype: torch.dtype,
@@ -180,20 +213,12 @@ def gaussian_nll(
     # data writes 16 bits and scales in place), in the promoted one when the target needs it too
     gx_dtype = grad_dtype(torch.promote_types(input.dtype, target.dtype) if grad and target.requires_grad
                           else input.dtype)
-    var_c = var if var.numel() == 1 else var.contiguous()
-    loss, _, _, neg = _gaussian_nll_op(
-        input.contiguous(), target.contiguous(), var_c, full, float(eps), reduction, logvar_form, need_x, need_v,
-        out_dtype, gx_dtype,
-    )
-    if not logvar_form:
-        _raise_on_negative(neg)
+    perm = _memory_order(input, target, reduction)
+    if perm is not None:  # views: autograd permutes the gradients back, into the input's layout
+        input, target, var = input.permute(perm), target.permute(perm), var.permute(perm)
+    # a layout the kernel cannot walk in memory order (overlapping, a gap, mixed layouts) is copied
+    loss = _gaussian_nll_op(input.contiguous(), target, var, full, float(eps), reduction, logvar_form, need_x,
+                            need_v, out_dtype, gx_dtype)[0]
+    if perm is not None and reduction == "none":
+        loss = loss.permute([perm.index(i) for i in range(len(perm))])
     return loss
-
-
-def _raise_on_negative(neg: Tensor) -> None:
-    if neg.device.type == "cpu":
-        if not torch.compiler.is_compiling() and bool(neg.item()):
-            raise ValueError("var has negative entry/entries")
-    else:
-        # device-side assert: no host sync, also legal under compile and CUDA-graph capture
-        torch._assert_async(neg == 0, "var has negative entry/entries")
