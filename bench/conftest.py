@@ -7,8 +7,19 @@ the table and the plot). The device is CUDA when there is one; ``FASTVAE_BENCH_D
 timed or not: ``ci/gpu.sh`` runs them once untimed in parallel to fill the compile caches, then timed.
 
 Every test is parametrized shape -> dtype -> mode -> impl, impl varying fastest, so the implementations of
-one case run back to back on the same input sets. A timed call is the op alone: inputs are made beforehand,
-gradients are cleared in the untimed setup, and on CUDA each call is bracketed by device synchronization.
+one case run back to back on the same input sets. The references are the torch function a fastvae op replaces
+("eager", and "compile": torch.compile of it) and, where that function does more than its formula (the
+Gaussian NLL's ``var * ones_like(input)`` and its host-syncing check of a tensor variance), the formula as a
+careful user writes it by hand ("formula", "formula-compile"); ``speedup_vs_best`` is over the fastest of them.
+
+A timed call is the op alone (inputs made beforehand, gradients returned by ``torch.autograd.grad`` rather than
+accumulated), run in rounds of many back-to-back calls with no synchronization between them, as a training
+loop runs: the time of a call (``median_s``) is the device time of a round over its calls, from CUDA events
+recorded before its first and after its last call (wall time on a CPU). The host's own time per call (Python,
+dispatch, launches: ``host_s``) is the CPU time of issuing the first calls of a round, before anything waits on
+the device, and ``host_syncs`` counts the synchronizing CUDA calls of one call. Where ``host_s`` is close to
+``median_s`` the device waits on the host: dispatch and launch counts, not memory traffic, set the time.
+pytest-benchmark's own statistics are the wall time per call of a round, its closing synchronization included.
 Input sets smaller than ``ROTATE_BYTES`` are replicated and cycled so that no call finds its inputs in cache.
 """
 
@@ -17,11 +28,13 @@ from __future__ import annotations
 import datetime
 import functools
 import gc
+import itertools
 import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +47,14 @@ from torch import Tensor
 GIB = 2**30
 MIB = 2**20
 MODES = ("fwd", "fwdbwd")
-OP_IMPLS = ("eager", "compile", "fastvae-torch", "fastvae-triton")  # references first: speedups need them
-TRAIN_IMPLS = ("eager", "compile", "fastvae")
+# references first (speedups need them): the torch function and torch.compile of it, then, for the tests marked
+# ``formula``, the formula written by hand, eager and compiled
+REF_IMPLS = ("eager", "compile")
+FORMULA_IMPLS = ("formula", "formula-compile")
+REFERENCES = REF_IMPLS + FORMULA_IMPLS
+OP_IMPLS = (*REF_IMPLS, "fastvae-torch", "fastvae-triton")
+TRAIN_IMPLS = (*REFERENCES, "fastvae")
+SMALL_EXPS = (16, 18, 20)  # 2^16 - 2^20 elements: dispatch and launch counts, not bytes, set the time
 ROTATE_BYTES = 100 * MIB  # more than the L2 of any GPU and the LLC of most CPUs
 MAX_SETS = 128
 FILL_BYTES = 8 * GIB  # CUDA grid: the largest op reads about this much (in fp32)
@@ -124,9 +143,13 @@ def grid_for(device_type: str, name: str) -> Grid:
     if name == "quick":
         return Grid([(256, 64)], [(64, 784)], [64], [32], [4], [torch.float32])
     if device_type == "cuda":
-        latent = [(b, d) for d in (64, 512) for b in _pow2_sizes(10, _fill_exp(2 * d * 4), 5)]
+        # the small sizes (2^16 - 2^20 elements) first, then up to what fills FILL_BYTES
+        latent = [(1 << (e - 6), 64) for e in SMALL_EXPS]
+        latent += [(b, d) for d in (64, 512) for b in _pow2_sizes(10, _fill_exp(2 * d * 4), 5)
+                   if (b, d) not in latent]
         # the per-element-variance NLL reads three recon-sized tensors
-        recon = [
+        recon = [(1 << (e - 10), 1024) for e in SMALL_EXPS]
+        recon += [
             (b, f) for f, n in ((784, 4), (3 * 64 * 64, 3)) for b in _pow2_sizes(10, _fill_exp(3 * f * 4), n)
         ]
         elbo = _pow2_sizes(10, _fill_exp(2 * 64 * 4 + 2 * 784 * 4), 4)
@@ -166,16 +189,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
         # under TRITON_INTERPRET=1 the kernels run on the CPU too: bench/sass_report.py records their launches
         kernels = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        impls = [pytest.param(i, marks=skip) if i == "fastvae-triton" and not kernels else i for i in OP_IMPLS]
+        formula = metafunc.definition.get_closest_marker("formula") is not None
+        impl_names = (*REFERENCES, *OP_IMPLS[len(REF_IMPLS):]) if formula else OP_IMPLS
+        impls = [pytest.param(i, marks=skip) if i == "fastvae-triton" and not kernels else i for i in impl_names]
         metafunc.parametrize("impl", [_without_compile(i) for i in impls])
     if "train_impl" in names:
         metafunc.parametrize("train_impl", [_without_compile(i) for i in TRAIN_IMPLS])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "formula: the op has a hand-written formula baseline beside the torch function it replaces"
+    )
+
+
 def _without_compile(impl: Any) -> Any:
     """FASTVAE_BENCH_COMPILE=0 leaves torch.compile out: on a CPU its compiles are most of a smoke run's time,
     and they test inductor rather than this harness (ci/gpu.sh's dry run compiles its headline cases)."""
-    if impl == "compile" and os.environ.get("FASTVAE_BENCH_COMPILE", "1") == "0":
+    if isinstance(impl, str) and impl.endswith("compile") and os.environ.get("FASTVAE_BENCH_COMPILE", "1") == "0":
         return pytest.param(impl, marks=pytest.mark.skip(reason="torch.compile left out (FASTVAE_BENCH_COMPILE=0)"))
     return impl
 
@@ -281,7 +312,9 @@ class Case:
 
 
 def op_step(fn: Callable[..., Any], mode: str) -> Callable[[Batch], None]:
-    """``fn`` forward only, or forward then backward through all its outputs."""
+    """``fn`` forward only, or forward then backward through all its outputs. The gradients are returned by
+    ``torch.autograd.grad`` and dropped: none accumulates into ``.grad``, so back-to-back calls need no clearing
+    between them (and none pays for an accumulation)."""
 
     def fwd(b: Batch) -> None:
         fn(*b.args)
@@ -289,7 +322,8 @@ def op_step(fn: Callable[..., Any], mode: str) -> Callable[[Batch], None]:
     def fwdbwd(b: Batch) -> None:
         out = fn(*b.args)
         out = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(out, list(b.grad_outputs) if b.grad_outputs else None)
+        inputs = [t for t in b.args if isinstance(t, Tensor) and t.requires_grad]
+        torch.autograd.grad(out, inputs, list(b.grad_outputs) if b.grad_outputs else None, allow_unused=True)
 
     return fwd if mode == "fwd" else fwdbwd
 
@@ -316,6 +350,60 @@ def _cpu_peak_bytes(call: Callable[[], None]) -> int:
     return peak
 
 
+class RoundTimer:
+    """Rounds of ``calls`` back-to-back calls: the device time of a round over its calls (CUDA events recorded
+    before its first call and after its last; wall time on a CPU) and the host's time per call, from the wall
+    time of issuing its first ``host_calls`` calls. A round starts after the previous one's synchronization, so
+    those first calls never wait on a full launch queue: their time is Python, dispatch and launches alone."""
+
+    HOST_CALLS = 4  # few enough that their kernels fit the launch queue however many each call launches
+
+    def __init__(self, device: torch.device, calls: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.calls = calls
+        self.host_calls = min(self.HOST_CALLS, calls)
+        self.device_s: list[float] = []
+        self.host_s: list[float] = []
+        self._i = 0
+        self._t0 = 0.0
+        self._start: Any = None
+
+    def __call__(self, call: Callable[[], None]) -> None:
+        k = self._i % self.calls
+        self._i += 1
+        if k == 0:
+            if self.cuda:
+                self._start = torch.cuda.Event(enable_timing=True)
+                self._start.record()
+            self._t0 = time.perf_counter()
+        call()
+        if k == self.host_calls - 1:
+            self.host_s.append((time.perf_counter() - self._t0) / self.host_calls)
+        if k == self.calls - 1:
+            if self.cuda:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                end.synchronize()
+                self.device_s.append(self._start.elapsed_time(end) / 1e3 / self.calls)
+            else:
+                self.device_s.append((time.perf_counter() - self._t0) / self.calls)
+
+
+def count_host_syncs(call: Callable[[], None]) -> int:
+    """Synchronizing CUDA calls (a device-to-host copy, a stream synchronization) of one ``call``, from torch's
+    sync debug mode: each one stalls the host until the device drains, and breaks a CUDA graph capture."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 @dataclass
 class Bench:
     device: torch.device
@@ -323,21 +411,40 @@ class Bench:
     quick: bool
     disabled: bool
     budget_s: float = field(init=False)  # timed seconds per case (the median of as many rounds as fit)
+    round_s: float = field(init=False)  # seconds of back-to-back calls per round
     min_rounds: int = field(init=False)
+    min_calls: int = field(init=False)
     max_rounds: int = 2000
+    max_calls: int = 1000
     _sets_key: tuple | None = None
     _sets: list[Batch] = field(default_factory=list)
-    _compiled: dict[Callable, Callable] = field(default_factory=dict)
+    _compiled: dict[tuple[Callable, bool], Callable] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cuda = self.device.type == "cuda"
-        self.budget_s, self.min_rounds = (0.2, 10) if cuda else (0.5, 7)
+        # on CUDA a round is many calls (the device never idles between them, as in a training loop); on a CPU
+        # there is no queue to keep full, and a large call is its own round
+        self.budget_s, self.round_s, self.min_rounds, self.min_calls = (
+            (0.2, 0.005, 10, 3) if cuda else (0.5, 0.02, 7, 1)
+        )
 
-    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """torch.compile with default options, one graph specialized per shape, compiled on first call."""
-        if fn not in self._compiled:
-            self._compiled[fn] = torch.compile(fn, dynamic=False)
-        return self._compiled[fn]
+    def compile(self, fn: Callable[..., Any], dynamic: bool = False) -> Callable[..., Any]:
+        """torch.compile with default options, one graph specialized per shape (``dynamic=False``), compiled
+        on first call."""
+        if (fn, dynamic) not in self._compiled:
+            self._compiled[(fn, dynamic)] = torch.compile(fn, dynamic=dynamic)
+        return self._compiled[(fn, dynamic)]
+
+    def impl(self, impl: str, eager: Callable[..., Any], fastvae: Callable[[str], Callable[..., Any]],
+             formula: Callable[..., Any] | None = None, dynamic: bool = False) -> Callable[..., Any]:
+        """The function ``impl`` names: the torch function ("eager"), the hand-written formula ("formula"),
+        torch.compile of either ("compile", "formula-compile") or ``fastvae(backend)`` ("fastvae-<backend>")."""
+        if impl.startswith("fastvae"):
+            return fastvae(impl.replace("fastvae-", ""))
+        fn = formula if impl.startswith("formula") else eager
+        if fn is None:
+            raise ValueError(f"{impl}: this op has no hand-written formula")
+        return self.compile(fn, dynamic) if impl.endswith("compile") else fn
 
     def input_sets(self, key: tuple, make: Callable[[], Batch]) -> list[Batch]:
         """Input sets for one case, shared by its implementations: enough copies to fill ROTATE_BYTES."""
@@ -362,17 +469,12 @@ class Bench:
         fastvae: Callable[[str], Callable[..., Any]],
         make: Callable[[], Batch],
         *,
+        formula: Callable[..., Any] | None = None,
         nbytes: int | None = None,
         items: int | None = None,
     ) -> float | None:
-        """``run`` for one implementation of an op, named by ``case.impl``: the eager formulas ("eager"),
-        torch.compile of them ("compile") or ``fastvae(backend)`` ("fastvae-<backend>")."""
-        if case.impl == "eager":
-            fn = eager
-        elif case.impl == "compile":
-            fn = self.compile(eager)
-        else:
-            fn = fastvae(case.impl.replace("fastvae-", ""))
+        """``run`` for one implementation of an op, named by ``case.impl`` (see ``impl``)."""
+        fn = self.impl(case.impl, eager, fastvae, formula)
         return self.run(benchmark, case, op_step(fn, case.mode), make, nbytes=nbytes, items=items)
 
     def run(
@@ -386,9 +488,9 @@ class Bench:
         items: int | None = None,
         key: tuple | None = None,
     ) -> float | None:
-        """Time ``step`` on rotating input sets and fill ``benchmark.extra_info``; returns the median seconds
-        (None under --benchmark-disable, where the body runs once). ``nbytes``: the minimal bytes one call
-        moves (GB/s); ``items``: examples one call processes (items/s)."""
+        """Time ``step`` on rotating input sets and fill ``benchmark.extra_info``; returns the median device
+        seconds per call (None under --benchmark-disable, where the body runs once). ``nbytes``: the minimal
+        bytes one call moves (GB/s); ``items``: examples one call processes (items/s)."""
         benchmark.group = f"{case.op} {case.mode} {_dtype_id(case.dtype)} {_size_id(case.shape)}"
         benchmark.extra_info.update(
             op=case.op,
@@ -401,41 +503,41 @@ class Bench:
             device=self.device.type,
         )
         sets = self.input_sets(key or (case.op, case.mode, case.dtype, case.shape), make)
-        counter = iter(range(1 << 62))
+        counter = itertools.count()
         dev = self.device
 
-        def setup() -> tuple[tuple[Batch], dict]:
-            b = sets[next(counter) % len(sets)]
-            b.clear_grads()
-            sync(dev)
-            return (b,), {}
+        def call() -> None:
+            step(sets[next(counter) % len(sets)])
 
-        def target(b: Batch) -> None:
-            step(b)
+        def synced() -> None:
+            call()
             sync(dev)
-
-        def once() -> None:
-            target(*setup()[0])
 
         oom = False
         try:
             if self.disabled:
-                benchmark.pedantic(target, setup=setup, rounds=1)
+                benchmark.pedantic(synced, rounds=1)
                 return None
             for _ in range(2):  # compile, caches, allocator
-                once()
-            estimate = min(self._time(once) for _ in range(3))
+                synced()
+            estimate = min(self._time(synced) for _ in range(3))  # an upper bound: launch and sync included
+            calls = max(self.min_calls, min(self.max_calls, math.ceil(self.round_s / max(estimate, 1e-7))))
             rounds = max(
-                self.min_rounds, min(self.max_rounds, math.ceil(self.budget_s / max(estimate, 1e-7)))
+                self.min_rounds,
+                min(self.max_rounds, math.ceil(self.budget_s / max(calls * estimate, 1e-7))),
             )
-            benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-            args = setup()[0]  # gradients of the last round freed before the baseline
-            peak = self.peak_bytes(lambda: target(*args))
+            timer = RoundTimer(dev, calls)
+            # pytest-benchmark times each round of ``calls`` iterations (wall time, the round's closing
+            # synchronization included) and divides by them; the timer keeps the device and host times
+            benchmark.pedantic(lambda: timer(call), rounds=rounds, warmup_rounds=1, iterations=calls)
+            syncs = count_host_syncs(call) if dev.type == "cuda" else None
+            peak = self.peak_bytes(synced)
         except Exception as e:
             if not _is_oom(e):
                 raise
             oom = True  # skipped below, once the traceback (and the tensors its frames hold) is gone
         finally:
+            sync(dev)
             for b in sets:
                 b.clear_grads()
         if oom:
@@ -443,11 +545,19 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache()
             pytest.skip(f"out of memory: {case}")
-        median = benchmark.stats.stats.median
+        # the warm-up round's times come first: only the timed rounds' count
+        median = statistics.median(timer.device_s[-rounds:])
+        host = statistics.median(timer.host_s[-rounds:]) if dev.type == "cuda" else None
         gbps = nbytes / median / 1e9 if nbytes else None
         benchmark.extra_info.update(
             median_s=median,
+            time_method="cuda events around back-to-back calls" if dev.type == "cuda" else "wall time",
+            wall_s=benchmark.stats.stats.median,
+            host_s=host,
+            host_frac=host / median if host is not None else None,
+            host_syncs=syncs,
             rounds=rounds,
+            calls_per_round=calls,
             gbps=gbps,
             copy_gbps=self.copy_gbps,
             frac_copy_bw=gbps / self.copy_gbps if gbps else None,
@@ -508,16 +618,35 @@ def _case_key(info: dict) -> tuple:
     return info.get("op"), info.get("mode"), info.get("dtype"), tuple(info.get("shape") or ())
 
 
+def row_median(row: dict) -> float:
+    """Seconds per call of a pytest-benchmark row: the harness's device time, else pytest-benchmark's median."""
+    return row["extra_info"].get("median_s") or row["stats"]["median"]
+
+
+def speedups(medians: dict[tuple, float], key: tuple, median: float) -> dict[str, Any]:
+    """speedup_vs_<reference> (the reference's median over ``median``; None where it did not run), and
+    speedup_vs_best / best_ref: over the fastest reference of the case."""
+    out: dict[str, Any] = {}
+    refs = {}
+    for ref in REFERENCES:
+        m = medians.get((key, ref))
+        out[f"speedup_vs_{ref.replace('-', '_')}"] = m / median if m else None
+        if m:
+            refs[ref] = m
+    best = min(refs, key=refs.__getitem__) if refs else None
+    out["best_ref"] = best
+    out["speedup_vs_best"] = refs[best] / median if best else None
+    return out
+
+
 def add_speedups(rows: Sequence[dict]) -> None:
-    """extra_info speedup_vs_eager / speedup_vs_compile: the reference's median over this one's."""
-    medians = {(_case_key(r["extra_info"]), r["extra_info"].get("impl")): r["stats"]["median"] for r in rows}
+    """extra_info speedup_vs_<reference> and speedup_vs_best for every timed row."""
+    medians = {(_case_key(r["extra_info"]), r["extra_info"].get("impl")): row_median(r) for r in rows}
     for r in rows:
         info = r["extra_info"]
         if "op" not in info:  # the fit-batch rows: no timing to compare
             continue
-        for ref in ("eager", "compile"):
-            m = medians.get((_case_key(info), ref))
-            info[f"speedup_vs_{ref}"] = m / r["stats"]["median"] if m else None
+        info.update(speedups(medians, _case_key(info), row_median(r)))
 
 
 def environment(device: torch.device) -> dict[str, Any]:

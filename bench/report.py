@@ -22,7 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-IMPL_ORDER = ("eager", "compile", "fastvae-torch", "fastvae-triton", "fastvae")
+IMPL_ORDER = ("eager", "compile", "formula", "formula-compile", "fastvae-torch", "fastvae-triton", "fastvae")
+REFERENCES = ("eager", "compile", "formula", "formula-compile")  # as bench/conftest.py's
 OP_ORDER = (
     "sample",
     "kl",
@@ -66,7 +67,8 @@ def load(paths: Sequence[str]) -> tuple[list[dict], dict[str, Any]]:
             info = dict(b.get("extra_info", {}))
             if "op" not in info:
                 continue
-            info["median_s"] = b["stats"]["median"]
+            # the harness's device time per call (CUDA events); pytest-benchmark's median in older files
+            info["median_s"] = info.get("median_s") or b["stats"]["median"]
             info["iqr_s"] = b["stats"].get("iqr")
             rows.append(info)
     fill_speedups(rows)
@@ -78,12 +80,19 @@ def case_key(r: dict) -> tuple:
 
 
 def fill_speedups(rows: list[dict]) -> None:
-    """Recompute the speedups (medians of the same case across files)."""
+    """Recompute the speedups (medians of the same case across files): over each reference, and over the
+    fastest reference of the case (``speedup_vs_best``, ``best_ref``)."""
     medians = {(case_key(r), r["impl"]): r["median_s"] for r in rows}
     for r in rows:
-        for ref in ("eager", "compile"):
+        refs = {}
+        for ref in REFERENCES:
             m = medians.get((case_key(r), ref))
-            r[f"speedup_vs_{ref}"] = m / r["median_s"] if m else None
+            r[f"speedup_vs_{ref.replace('-', '_')}"] = m / r["median_s"] if m else None
+            if m:
+                refs[ref] = m
+        best = min(refs, key=refs.__getitem__) if refs else None
+        r["best_ref"] = best
+        r["speedup_vs_best"] = refs[best] / r["median_s"] if best else None
 
 
 def impl_rank(impl: str) -> int:
@@ -112,6 +121,22 @@ def fmt_mb(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
+def fmt_host(r: dict) -> str:
+    """Host time per call, with the share of the call it is and the host syncs of one call."""
+    host, syncs = r.get("host_s"), r.get("host_syncs")
+    if host is None:
+        return "-"
+    out = f"{fmt_time(host)} ({100 * host / r['median_s']:.0f}%)"
+    return out + (f", {syncs} sync{'s' * (syncs > 1)}" if syncs else "")
+
+
+def fmt_best(r: dict) -> str:
+    best = r.get("best_ref")
+    if best is None or r["impl"] in REFERENCES:
+        return "-"
+    return f"{fmt(r.get('speedup_vs_best'), '.2f', 'x')} ({best})"
+
+
 def md_row(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -122,8 +147,8 @@ def shape_str(shape: Sequence[int]) -> str:
 
 def op_table(rows: list[dict]) -> list[str]:
     out = [
-        "| shape | impl | median | GB/s | % copy BW | vs eager | vs compile | peak MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| shape | impl | median | host | GB/s | % copy BW | vs eager | vs compile | vs best ref | peak MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted(rows, key=lambda r: (r["numel"], tuple(r["shape"]), impl_rank(r["impl"]))):
         frac = r.get("frac_copy_bw")
@@ -132,10 +157,12 @@ def op_table(rows: list[dict]) -> list[str]:
                 shape_str(r["shape"]),
                 r["impl"],
                 fmt_time(r["median_s"]),
+                fmt_host(r),
                 fmt(r.get("gbps"), ".1f"),
                 fmt(frac * 100 if frac is not None else None, ".0f", "%"),
                 fmt(r.get("speedup_vs_eager"), ".2f", "x"),
                 fmt(r.get("speedup_vs_compile"), ".2f", "x"),
+                fmt_best(r),
                 fmt_mb(r.get("peak_mem_bytes")),
             )
         )
@@ -144,8 +171,8 @@ def op_table(rows: list[dict]) -> list[str]:
 
 def train_table(rows: list[dict]) -> list[str]:
     out = [
-        "| batch | impl | step | images/s | vs eager | vs compile | peak MiB |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| batch | impl | step | host | images/s | vs eager | vs compile | vs best ref | peak MiB |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted(rows, key=lambda r: (r["shape"][0], impl_rank(r["impl"]))):
         out.append(
@@ -153,9 +180,11 @@ def train_table(rows: list[dict]) -> list[str]:
                 str(r["shape"][0]),
                 r["impl"],
                 fmt_time(r["median_s"]),
+                fmt_host(r),
                 fmt(r.get("items_per_s"), ",.0f"),
                 fmt(r.get("speedup_vs_eager"), ".2f", "x"),
                 fmt(r.get("speedup_vs_compile"), ".2f", "x"),
+                fmt_best(r),
                 fmt_mb(r.get("peak_mem_bytes")),
             )
         )
@@ -186,6 +215,17 @@ def slower_than_eager(rows: list[dict], tolerance: float = 0.95) -> list[str]:
     return out
 
 
+def slower_than_best(rows: list[dict], tolerance: float = 0.95) -> list[str]:
+    """fastvae cases slower (beyond ``tolerance``) than the fastest reference of their case, eager or not."""
+    out = []
+    for r in rows:
+        speed, best = r.get("speedup_vs_best"), r.get("best_ref")
+        if r["impl"].startswith("fastvae") and speed is not None and speed < tolerance:
+            out.append(f"- {r['op']} {r['mode']} {r['dtype']} {shape_str(r['shape'])} {r['impl']}: {speed:.2f}x "
+                       f"the speed of {best} ({fmt_time(r['median_s'])} vs {fmt_time(r['median_s'] * speed)})")
+    return out
+
+
 def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     env = meta.get("env", {})
     lines = ["# fastvae benchmarks", ""]
@@ -198,10 +238,17 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "Median of the timed calls. GB/s counts the minimal bytes of the op (every tensor read once, every "
-        "tensor produced written once; see the `min_bytes` functions in bench/). *vs eager* / *vs compile*: "
-        "the reference's median over this row's (> 1 is faster). Peak MiB: memory allocated at the peak of "
-        "one call above the inputs.",
+        "*median*: time per call, the median over rounds of back-to-back calls with no synchronization between "
+        "them (on CUDA the device time between events recorded around each round, so launch gaps count). "
+        "*host*: the host's own time per call (Python, dispatch, launches) and its share of the call (near "
+        "100%: the device waits on the host), with the synchronizing CUDA calls of one call. GB/s counts the "
+        "minimal bytes of the op (every tensor read once, every tensor produced written once; see the "
+        "`min_bytes` functions in bench/). References: *eager*, the torch function fastvae replaces (or the "
+        "formula VAE code writes where torch has none), *compile*, torch.compile of it, and where the torch "
+        "function does more than its formula, *formula* / *formula-compile*, the formula written by hand. "
+        "*vs eager* / *vs compile*: the reference's median over this row's (> 1 is faster); *vs best ref*: "
+        "over the fastest reference of the case. Peak MiB: memory allocated at the peak of one call above the "
+        "inputs.",
         "",
     ]
     ops = _order((r["op"] for r in rows), OP_ORDER)
@@ -234,6 +281,10 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     slow = slower_than_eager(rows)
     lines += ["## fastvae slower than eager or above its peak memory", ""]
     lines += slow or ["None (within 5% of eager's median time and 1% of its peak memory)."]
+    lines.append("")
+    slow = slower_than_best(rows)
+    lines += ["## fastvae slower than the fastest reference", ""]
+    lines += slow or ["None (within 5% of the fastest reference's median time)."]
     lines.append("")
     return "\n".join(lines)
 

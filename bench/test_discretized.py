@@ -1,6 +1,7 @@
 """The discretized mixture of logistics of image VAEs, M = 10, three channels, summed: forward and
-forward+backward (the gradient to the params) of 32 x 3 x 256 x 256 and 128 x 3 x 64 x 64 images on CUDA
-(smaller ones on CPU), channels last as openai/vdvae lays them out.
+forward+backward (the gradient to the params) of 32 x 3 x 256 x 256 and 128 x 3 x 64 x 64 images on CUDA,
+and small batches of 32 x 32 images (1 and 8 images: about 2^16.6 and 2^19.6 parameters); smaller ones on
+CPU; channels last as openai/vdvae lays them out.
 
 Eager and compile run openai/vdvae's ``discretized_mix_logistic_loss`` (bench/conftest.py's harness records
 the peak memory of each above its inputs: the eager formulation's (B, H, W, 3, M) temporaries against the
@@ -24,8 +25,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "image_batch" in metafunc.fixturenames:
         quick = is_quick(metafunc.config)
         cuda = bench_device().type == "cuda"
-        shapes = [(2, 3, 8, 8)] if quick else ([(32, 3, 256, 256), (128, 3, 64, 64)] if cuda
-                                               else [(4, 3, 32, 32), (8, 3, 64, 64)])
+        shapes = [(2, 3, 8, 8)] if quick else ([(1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 256, 256), (128, 3, 64, 64)]
+                                               if cuda else [(4, 3, 32, 32), (8, 3, 64, 64)])
         metafunc.parametrize("image_batch", shapes, ids=["x".join(map(str, s)) for s in shapes])
 
 

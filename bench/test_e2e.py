@@ -1,6 +1,7 @@
-"""A whole VAE training step (zero_grad, forward, loss, backward, Adam step) in fp32, three ways: the loss
-written eagerly as VAE code writes it, the loss from fastvae (the Triton kernels on CUDA, its torch backend
-on CPU), and torch.compile of the eager model + loss.
+"""A whole VAE training step (zero_grad, forward, loss, backward, Adam step) in fp32, five ways: the loss
+written eagerly as VAE code writes it (``F.gaussian_nll_loss``), the same loss with the Gaussian NLL written by
+hand ("formula": no ``var * ones_like(x_hat)``), torch.compile of the eager model + either loss, and the loss
+from fastvae (the Triton kernels on CUDA, its torch backend on CPU).
 
 Two models: an MLP VAE on 784-dim inputs (2 x 512 hidden, latent 64) and a small conv VAE on 3 x 64 x 64
 images (4 stride-2 convs, latent 128). On CUDA the process is capped at 70 GB: a batch that does not fit is
@@ -14,6 +15,7 @@ doubling and then bisection. Its torch.compile is dynamic: one compile across al
 from __future__ import annotations
 
 import gc
+import math
 from typing import Callable
 
 import pytest
@@ -87,6 +89,22 @@ def eager_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return recon + kld
 
 
+def formula_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn_like(std)
+    z = mu + eps * std
+    x_hat = model.decode(z)
+    recon = torch.sum(0.5 * (math.log(VAR) + (x - x_hat) ** 2 / VAR)) / x.shape[0]
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
+    return recon + kld
+
+
+def loss_for(impl: str, bench: Bench, dynamic: bool = False) -> Callable[..., torch.Tensor]:
+    """The loss of a training implementation: eager / formula, torch.compile of either, or fastvae's."""
+    return bench.impl(impl, eager_loss, lambda backend: fastvae_loss, formula_loss, dynamic=dynamic)
+
+
 def fastvae_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     mu, logvar = model.encode(x)
     z, kld = fastvae.reparameterize_kl(mu, logvar, reduction="batchmean")
@@ -113,9 +131,7 @@ def run_train(
         pytest.skip(f"{name} {impl}: batch {smallest_oom} did not fit")
     torch.manual_seed(0)
     model = model_cls().to(bench.device)
-    loss_fn = {"eager": eager_loss, "fastvae": fastvae_loss}.get(impl) or torch.compile(
-        eager_loss, dynamic=False
-    )
+    loss_fn = loss_for(impl, bench)
     case = Case(name, "train", impl, torch.float32, (batch, *model.shape))
 
     def make() -> Batch:
@@ -170,9 +186,7 @@ def test_mlp_vae_fit_batch(benchmark, bench, train_limits, train_impl, pytestcon
     """The largest MLP VAE training batch of each implementation in one fixed memory (not timed)."""
     torch.manual_seed(0)
     model = MLPVAE().to(bench.device)
-    loss_fn = {"eager": eager_loss, "fastvae": fastvae_loss}.get(train_impl) or torch.compile(
-        eager_loss, dynamic=True
-    )
+    loss_fn = loss_for(train_impl, bench, dynamic=True)
     step = train_step(model, loss_fn)
     step(Batch((torch.rand(2, *model.shape, device=bench.device),)))  # Adam's state exists before the search
     cuda = bench.device.type == "cuda"
