@@ -75,12 +75,16 @@ def check_broadcastable_to(name: str, t: Tensor, ref_name: str, ref: Tensor) -> 
 def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
     """torch.broadcast_shapes for shapes known to broadcast, in plain Python: torch's own imports sympy on
     its first call (seconds in a fresh process), which an argument check must not cost."""
-    ndim = max((len(s) for s in shapes), default=0)
-    out = [1] * ndim
+    # plain loops: torch.compile traces this (no generator into max())
+    out: list[int] = []
     for shape in shapes:
-        for i, size in enumerate(shape, ndim - len(shape)):
+        shape = list(shape)
+        if len(shape) > len(out):
+            out = [1] * (len(shape) - len(out)) + out
+        offset = len(out) - len(shape)
+        for i, size in enumerate(shape):
             if size != 1:
-                out[i] = size
+                out[offset + i] = size
     return torch.Size(out)
 
 
