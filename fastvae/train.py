@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 import fastvae
 
-from ._checks import interpreting
 from .models import build_model
 from .nn import BetaTCVAELoss, ELBOLoss, ELBOOutput, MMDVAELoss
 
@@ -150,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="linear learning-rate warm-up, in epochs or steps")
     opt.add_argument("--seed", type=int, default=0, help="model init, data order and noise")
     run = p.add_argument_group("execution")
-    run.add_argument("--backend", default="triton", choices=("triton", "torch", "compile"),
-                     help="triton: fastvae's dispatch (the kernels on CUDA, eager on CPU); torch: eager "
-                          "PyTorch; compile: torch.compile of the model")
+    run.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "compile"),
+                     help="auto: fastvae's global setting (FASTVAE_BACKEND, default: the kernels on CUDA, eager "
+                          "PyTorch elsewhere); triton: the kernels (CUDA, or CPU under TRITON_INTERPRET=1); "
+                          "torch: eager PyTorch; compile: auto's path under torch.compile of the model. The "
+                          "path that runs is printed at the start")
     run.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                      help="autocast the model to bfloat16, or to float16 with a gradient scaler")
     run.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if there")
@@ -240,6 +241,19 @@ def peak_memory_mb(device: torch.device) -> float:
 # ---------------------------------------------------------------------------------------------- training
 
 
+def resolve_backend(choice: str, device: torch.device) -> tuple[str | None, str]:
+    """(the ``backend=`` the model and losses take, the path their calls run, in words) for ``--backend``:
+    "auto" and "compile" defer to fastvae's global setting (FASTVAE_BACKEND, ``fastvae.set_backend``) at each
+    call, "triton" and "torch" pin it. The words are ``fastvae.active_path``'s ("triton", "triton
+    (interpreter)" or "torch"), plus ", torch.compile": what runs, not what was asked for."""
+    backend = choice if choice in ("triton", "torch") else None
+    try:
+        path = fastvae.active_path(device, torch.float32, backend)
+    except ValueError as e:  # backend "triton" (asked for, or the global one) where the kernels cannot run
+        raise CLIError(f"--backend {choice}: {e}") from None
+    return backend, path + (", torch.compile" if choice == "compile" else "")
+
+
 def learning_rate(args, step: int, steps_per_epoch: int, world: int) -> float:
     ratio = args.batch_size * world / REFERENCE_BATCH
     peak = args.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[args.lr_scaling]
@@ -247,13 +261,13 @@ def learning_rate(args, step: int, steps_per_epoch: int, world: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) if warmup > 0 else peak
 
 
-def elbo_terms(net, loss_fn, x: torch.Tensor, gen, amp):
+def elbo_terms(net, loss_fn, x: torch.Tensor, gen, amp) -> ELBOOutput:
     """The model and the loss under ``amp()`` (autocast with --amp): the 16-bit decoder output goes to the
     loss kernels as it is, against the fp32 data, and the losses come out in fp32 (no cast in between)."""
     with amp():
         out = net(x, generator=gen)
         # the KL of the fused sampling pass; ELBOLoss recomputes it per latent dim only for free bits
-        return loss_fn(out.x_hat, x, out.mu, out.logvar, out.logvar_x, kl=out.kl)
+        return loss_fn(out.x_hat, x, out.mu, out.logvar, out.logvar_x, kl=out.kl, return_terms=True)
 
 
 def log_likelihood(loss_fn, x_hat: torch.Tensor, x: torch.Tensor, logvar_x: torch.Tensor | None) -> torch.Tensor:
@@ -315,9 +329,10 @@ def latent_terms(net, latent_fn, x: torch.Tensor, gen, amp) -> tuple[ELBOOutput,
         out = net(x, generator=gen)
         z = fastvae.reparameterize(out.mu, out.logvar, generator=gen, backend=latent_fn.backend)
         if isinstance(latent_fn, BetaTCVAELoss):
-            t = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x)
+            t = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x, return_terms=True)
             return ELBOOutput(t.loss, t.recon, out.kl, 1.0), [t.mutual_info, t.total_correlation, t.dimwise_kl]
-        m = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x, kl=out.kl, generator=gen)
+        m = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x, kl=out.kl, generator=gen,
+                      return_terms=True)
         return ELBOOutput(m.loss, m.recon, m.kl, latent_fn.current_beta()), [m.mmd]
 
 
@@ -365,8 +380,8 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
         state["step"], state["beta"] = state["step"] + 1, elbo.beta
         terms = torch.stack([elbo.loss, elbo.recon, elbo.kl, torch.ones_like(elbo.kl)]).detach()
         sums += terms.double() * len(x)
-        if args.debug_ranks:
-            state["losses"].append(elbo.loss.item())
+        if args.debug_ranks:  # kept on the device: read once, after training (no host sync in the step)
+            state["losses"].append(elbo.loss.detach())
         bar.update()
         if not bar.disable and time.perf_counter() - shown > 0.25:  # a host sync, a few times a second
             shown = time.perf_counter()
@@ -504,8 +519,7 @@ def run(args: argparse.Namespace) -> int:
     x_train, x_test = x_train.to(device), x_test.to(device)
 
     torch.manual_seed(args.seed)  # the same initial parameters on every rank
-    # the kernels on CUDA (and on CPU tensors under TRITON_INTERPRET=1, as the tests run them), eager elsewhere
-    backend = "torch" if args.backend == "torch" else ("triton" if device.type == "cuda" or interpreting() else None)
+    backend, path = resolve_backend(args.backend, device)
     model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim,
                         learned_var=args.likelihood == "gaussian-learned-var", logits=args.likelihood == "bernoulli",
                         backend=backend,
@@ -553,7 +567,7 @@ def run(args: argparse.Namespace) -> int:
         with open(out / "metrics.jsonl", "w") as f:  # a resumed run keeps its epochs up to the checkpoint
             f.writelines(json.dumps(m) + "\n" for m in history)
         print(f"fastvae-train: {args.dataset} ({len(x_train)} train, {len(x_test)} held-out), {args.model} "
-              f"VAE, {world} x {device}, backend {args.backend}, {args.epochs} epochs -> {out}")
+              f"VAE, {world} x {device}, backend {path}, {args.epochs} epochs -> {out}")
         if start > args.epochs:
             print(f"the checkpoint is at epoch {start - 1}: pass --epochs > {start - 1} to train on")
 
@@ -602,7 +616,8 @@ def run(args: argparse.Namespace) -> int:
     if args.debug_ranks:
         params = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
         with open(out / f"rank{rank}.json", "w") as f:
-            json.dump({"rank": rank, "world_size": world, "noise_head": noise_head, "losses": state["losses"],
+            losses = torch.stack(state["losses"]).tolist() if state["losses"] else []
+            json.dump({"rank": rank, "world_size": world, "noise_head": noise_head, "losses": losses,
                        "param_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
                        "metrics": history[-1] if history else None}, f)
     if rank == 0:

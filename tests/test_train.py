@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastvae
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
@@ -133,6 +135,68 @@ def test_environment_errors_are_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fastvae-train: error: "), err
     assert any(m in err for m in message), err
+
+
+def test_prints_the_path_that_runs(monkeypatch, tmp_path, capsys):
+    """The start line names the path the calls take (fastvae.active_path), not the flag: on CPU the default
+    follows the global setting, "triton" needs CUDA or the interpreter, and the interpreter is named."""
+    from fastvae import _checks
+
+    cpu = torch.device("cpu")
+    assert train.build_parser().parse_args([]).backend == "auto"
+    assert train.resolve_backend("auto", cpu) == (None, "torch")
+    assert train.resolve_backend("torch", cpu) == ("torch", "torch")
+    assert train.resolve_backend("compile", cpu) == (None, "torch, torch.compile")
+    with pytest.raises(train.CLIError, match="--backend triton: backend='triton' needs"):
+        train.resolve_backend("triton", cpu)
+    monkeypatch.setattr(_checks, "interpreting", lambda: True)
+    assert train.resolve_backend("triton", cpu) == ("triton", "triton (interpreter)")
+    assert train.resolve_backend("auto", cpu) == (None, "torch")  # the global default: kernels on CUDA only
+    with fastvae.use_backend("triton"):
+        assert train.resolve_backend("auto", cpu) == (None, "triton (interpreter)")
+        assert train.resolve_backend("torch", cpu) == ("torch", "torch")
+    monkeypatch.setattr(_checks, "interpreting", lambda: False)
+    with fastvae.use_backend("triton"):  # the global "triton" where it cannot run: one line, exit 1
+        assert train.main([*BASE, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastvae-train: error: --backend auto: backend='triton' needs") and err.count("\n") == 1
+    assert train.main([*BASE, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    assert "1 x cpu, backend torch, 2 epochs" in capsys.readouterr().out
+
+
+def test_no_host_sync_in_the_step(monkeypatch, tmp_path):
+    """The training step reads nothing back to the host: fastvae's reads of a tensor's value (item, tolist,
+    bool, float, int) in a run do not grow with its steps (only the per-epoch logging and the held-out pass
+    read). --debug-ranks keeps its per-step losses on the device until the end. (torch's Adam reads its
+    step counts, CPU tensors that need no sync: only reads made by fastvae's own code are counted.)"""
+    monkeypatch.setattr(train, "write_figures", lambda *a, **k: None)
+    counts = {}
+    package = str(Path(fastvae.__file__).parent)
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            where = sys._getframe(1).f_code.co_filename
+            if where.startswith(package):
+                counts[where, name] = counts.get((where, name), 0) + 1
+            return real(self, *args, **kwargs)
+
+        return read
+
+    def reads(steps: int, *extra: str) -> dict:
+        counts.clear()
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, counting(name))
+            out = tmp_path / f"{steps}{''.join(extra)}"
+            assert train.main([*BASE, "--epochs", "1", "--max-steps", str(steps), *extra, "--out", str(out)]) == 0
+        return dict(counts)
+
+    assert reads(1) == reads(4)
+    assert reads(1, "--debug-ranks") == reads(4, "--debug-ranks")
+    assert reads(1, "--objective", "iwae", "--num-samples", "2") == reads(3, "--objective", "iwae",
+                                                                            "--num-samples", "2")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
