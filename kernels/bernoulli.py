@@ -8,9 +8,12 @@ Per element i, with logit x, target t, weight w and pos_weight p (each 1 when ab
     dloss/dx = w * ((1 - t) - lw * sigmoid(-x))                 (= w * (sigmoid(x) - t) without p)
     dloss/dt = w * (-x + (p - 1) * sp)                          (torch's target gradient)
 
-exactly torch.nn.functional.binary_cross_entropy_with_logits's math. Gradients are stored already multiplied
-by the reduction's scale, so backward is a multiply by grad_output that is skipped on the device when
-grad_output is exactly 1.
+exactly torch.nn.functional.binary_cross_entropy_with_logits's math. exp(-|x|) never overflows; below 2^-126
+(|x| > 87.3) a GPU's ex2.approx.ftz flushes it to 0 where the interpreter keeps the subnormal: softplus(-x)
+and sigmoid(-x) then differ by under 1.2e-38 absolute, below fp32's resolution of any loss or gradient
+term they are added to except an exact 0 (t = 1 at x > 87.3, where torch's CUDA fp32 gives the subnormal).
+Gradients are stored already multiplied by the reduction's scale, so backward is a multiply by grad_output
+that is skipped on the device when grad_output is exactly 1.
 
 weight and pos_weight are indexed, never materialized (W_MODE / P_MODE): 0 reads w[i], 1 one scalar,
 2 w[((i // div) % mod) * mul + i % mod2] (per-feature, per-row, per-channel broadcasts), 3 absent.

@@ -20,8 +20,9 @@ dropout logit pi:
 
 Gradients are stored already multiplied by the reduction's scale (and negated, as the loss is), so backward is
 a multiply by grad_output that is skipped on the device when grad_output is exactly 1. x gets no gradient: it
-is the data. th is indexed, not materialized (TH_MODE, see bernoulli.load_bcast): one per feature
-broadcast over the rows reads G values for N elements.
+is the data. A negative x, mu or th gives NaN in the loss and every gradient. th is indexed, not
+materialized (TH_MODE, see bernoulli.load_bcast): one per feature broadcast over the rows reads G values for
+N elements.
 
 Bytes for N elements: reads 2N (x, mu) + N for a full-shape th + N for pi (ZINB); writes N for each gradient
 asked for (mu, th, pi) and N for reduction="none" or fp32 partials otherwise. Compared with the eager
@@ -36,9 +37,35 @@ from .reduce import store_loss
 
 HALF_LOG_2PI = tl.constexpr(0.9189385332046727)
 SHIFT = tl.constexpr(4)  # the asymptotic series are used from 4 up
+LN2 = tl.constexpr(0.6931471805599453)
+EULER = tl.constexpr(0.5772156649015329)
+MIN_NORMAL_BITS = tl.constexpr(0x00800000)  # the bits of 2^-126, fp32's smallest normal number
+TINY = tl.constexpr(5.421010862427522e-20)  # 2^-64: below it lgamma(x) = -log x and psi(x) = -1/x - gamma
 
 FN_DIGAMMA = tl.constexpr(0)
 FN_LGAMMA = tl.constexpr(1)
+
+
+@triton.jit
+def log_full(v):
+    """log(v) for v >= 0 (NaN below, as tl.log) that keeps subnormal arguments on a GPU: there fp32 tl.log
+    compiles to lg2.approx.ftz, which flushes a subnormal v to 0 and returns -inf (the interpreter does not
+    flush). A subnormal v is m * 2^-149 with m its bits read as an integer (1 <= m < 2^23, exact in fp32), so
+    log v = log m - 149 log 2 with only normal arguments; v = 0 gives log 0 = -inf, the right limit."""
+    bits = v.to(tl.int32, bitcast=True)
+    sub = (bits >= 0) & (bits < MIN_NORMAL_BITS)  # +0 and the positive subnormals (a negative v has bit 31 set)
+    return tl.where(sub, tl.log(bits.to(tl.float32)) - 149.0 * LN2, tl.log(v))
+
+
+@triton.jit
+def reciprocal_full(v):
+    """1 / v for v >= 0 that a GPU's approximate division does not flush at a subnormal v (it would give
+    1 / 0 = inf where 1 / v is finite, v in (2^-128, 2^-126)): 2^149 / m for v = m 2^-149, as (1 / m) 2^75 2^74
+    (two exact power-of-two steps), overflowing to inf exactly where fp32 must; v = 0 gives inf."""
+    bits = v.to(tl.int32, bitcast=True)
+    sub = (bits >= 0) & (bits < MIN_NORMAL_BITS)
+    m = tl.maximum(bits, 1).to(tl.float32)  # bits = 0 (v = 0) gives 2^149: inf after the scaling, as 1/0
+    return tl.where(sub, ((1.0 / m) * 3.777893186295716e22) * 1.8889465931478581e22, 1.0 / v)  # 2^75, 2^74
 
 
 @triton.jit
@@ -65,10 +92,16 @@ def lgamma_digamma(x):
     log Gamma(y) ~ (y - 1/2) log y - y + log(2 pi)/2 + 1/(12y) - 1/(360y^3) + 1/(1260y^5) - 1/(1680y^7),
     psi(y) ~ log y - 1/(2y) - 1/(12y^2) + 1/(120y^4) - 1/(252y^6) + 1/(240y^8) - 1/(132y^10) (truncation
     errors 3e-9 and 1e-9 at y = 4). libdevice's lgammaf does not run in the interpreter, so this is what
-    both paths use; a caller that needs one of the two leaves the other to dead-code elimination."""
+    both paths use; a caller that needs one of the two leaves the other to dead-code elimination.
+
+    Below TINY = 2^-64 the shift's den = x (x+1)(x+2)(x+3) ~ 6x would reach the subnormals (from x ~ 2e-39),
+    which a GPU's ftz log and division flush to 0 (lgamma +inf, not 92 at 1e-40), while the interpreter keeps
+    them: there lgamma(x) = -log x - gamma x and psi(x) = -1/x - gamma + O(x) are taken directly, through
+    log_full and reciprocal_full (no subnormal reaches an approximate instruction), exact to fp32 rounding
+    (the dropped terms are below 2^-64 relative). From TINY up every intermediate is a normal number."""
     y, num, den = _shift(x)
-    # two divisions, not one of 1 / (y den): at x = 0 (den = 0), x subnormal (y den overflows its
-    # reciprocal) or x = inf (0 * inf) the shared one turns the limits into NaN or a wrong-signed inf
+    # two divisions, not one of 1 / (y den): at x = 0 (den = 0) or x = inf (0 * inf) the shared one turns
+    # the limits into NaN or a wrong-signed inf
     r = 1.0 / y
     r2 = r * r
     log_y = tl.log(y)
@@ -77,6 +110,9 @@ def lgamma_digamma(x):
     lg = (y - 0.5) * (log_y - 1.0) + (HALF_LOG_2PI - 0.5) + lg_series - tl.log(den)
     psi_series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240 - r2 * (1.0 / 132)))))
     psi = log_y - 0.5 * r - psi_series - num / den
+    tiny = x < TINY  # x >= 0 here: NaN and inf fail the test and keep the series' values
+    lg = tl.where(tiny, -log_full(x), lg)
+    psi = tl.where(tiny, -reciprocal_full(x) - EULER, psi)
     return lg, psi
 
 
@@ -132,10 +168,11 @@ def nb_nll_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     mu = tl.load(mu_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     th = load_bcast(th_ptr, offs, mask, th_div, th_mod, th_mul, th_mod2, TH_MODE)
-    log_th = tl.log(th + eps)
+    # log_full: with eps = 0 a subnormal mu or theta would be flushed to log 0 = -inf on a GPU only
+    log_th = log_full(th + eps)
     inv_thmu = 1.0 / (th + mu + eps)
-    log_thmu = tl.log(th + mu + eps)
-    log_mu_term = x * (tl.log(mu + eps) - log_thmu)
+    log_thmu = log_full(th + mu + eps)
+    log_mu_term = x * (log_full(mu + eps) - log_thmu)
     a = th * (log_th - log_thmu)
     x_th = x + th
     lg_x_th, psi_x_th = lgamma_digamma(x_th)
@@ -158,7 +195,14 @@ def nb_nll_fwd_kernel(
         d_th = tl.where(zero, s * da_dth, tl.where(nonzero, d_th, 0.0))
     else:
         ll = log_nb
-    loss = -ll
+    # a negative count, mean or inverse dispersion: NaN in the loss and every gradient (the eager path's
+    # poison_invalid), never a finite value from a branch tl.where happened to select
+    bad = (x < 0.0) | (mu < 0.0) | (th < 0.0)
+    loss = tl.where(bad, float("nan"), -ll)
+    d_mu = tl.where(bad, float("nan"), d_mu)
+    d_th = tl.where(bad, float("nan"), d_th)
+    if ZI:
+        d_pi = tl.where(bad, float("nan"), d_pi)
     neg_scale = -grad_scale
     store_loss(loss, mask, loss_ptr, offs, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     if GRAD_MU:

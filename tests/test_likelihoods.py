@@ -121,8 +121,12 @@ def test_bce_errors(backend, device):
         bce(x, t, weight=torch.rand(3, device=device, requires_grad=True), backend=backend)
     with pytest.raises(TypeError, match="target must be a torch.Tensor"):
         bce(x, [0.0, 1.0], backend=backend)
-    with pytest.raises(TypeError, match="pos_weight must have a floating-point dtype"):
-        bce(x, t, pos_weight=torch.ones(3, dtype=torch.int64, device=device), backend=backend)
+    # torch rejects an integer target (RuntimeError) and logits (NotImplementedError): both, and a TypeError
+    for args in ((x, t.long()), (x, t > 0.5), (x.long(), t)):
+        with pytest.raises(RuntimeError, match="must have a floating-point dtype"):
+            bce(*args, backend=backend)
+        with pytest.raises(TypeError):
+            bce(*args, backend=backend)
 
 
 def _leaves(sample):
@@ -277,12 +281,14 @@ def test_nb_theta_gradient_needs_digamma(backend, device):
 def test_nb_errors(backend, device):
     x, mu = torch.ones(4, 3, device=device), torch.rand(4, 3, device=device) + 0.1
     th = torch.rand(3, device=device) + 0.1
-    with pytest.raises(ValueError, match=r"mu must have the shape of x"):
+    # the formula's torch ops broadcast every argument with every other: what cannot fails as torch's does
+    with pytest.raises(RuntimeError, match=r"mu of shape \(4, 2\) does not broadcast with x .*size of tensor a "
+                       r"\(3\) must match the size of tensor b \(2\) at non-singleton dimension 1"):
         fastvae.negative_binomial_nll(x, mu[:, :2], th, backend=backend)
-    with pytest.raises(ValueError, match=r"theta of shape \(5,\) does not broadcast to mu"):
+    with pytest.raises(ValueError, match=r"theta of shape \(5,\) does not broadcast with x and mu"):
         fastvae.negative_binomial_nll(x, mu, torch.rand(5, device=device), backend=backend)
-    with pytest.raises(ValueError, match=r"pi_logits must have the shape of x"):
-        fastvae.zinb_nll(x, mu, th, torch.randn(4, 1, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"pi_logits of shape \(5, 1\) does not broadcast"):
+        fastvae.zinb_nll(x, mu, th, torch.randn(5, 1, device=device), backend=backend)
     with pytest.raises(ValueError, match="eps must be a number"):
         fastvae.negative_binomial_nll(x, mu, th, eps=-1.0, backend=backend)
     with pytest.raises(ValueError, match="reduction must be one of"):
@@ -476,7 +482,7 @@ def test_elbo_likelihoods(likelihood, backend, device):
         expect = -(log_nb_positive(*args) if likelihood == "nb" else log_zinb_positive(*args, pi.double())).sum() / b
     loss_fn = fastvae.nn.ELBOLoss(likelihood=likelihood, backend=backend)
     mean = x_hat.exp() if likelihood in ("nb", "zinb") else x_hat  # NB/ZINB take the mean itself
-    out = loss_fn(mean, x, mu, lv, theta=th, pi_logits=pi)
+    out = loss_fn(mean, x, mu, lv, theta=th, pi_logits=pi, return_terms=True)
     kl = reference.gaussian_kl(mu.double(), lv.double(), reduction="batchmean")
     torch.testing.assert_close(out.recon.double(), expect, rtol=3e-5, atol=1e-5)
     torch.testing.assert_close(out.loss.double(), expect + kl, rtol=3e-5, atol=1e-5)

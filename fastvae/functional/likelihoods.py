@@ -11,16 +11,41 @@ from .. import reference
 from .._checks import (
     ShapeError,
     broadcast_pair,
-    check_broadcastable_to,
+    broadcast_shapes,
     check_reduction,
     check_same_device,
-    check_same_shape,
     check_tensor,
+    check_values,
     use_triton,
+    validating,
 )
+from ..reference import likelihoods as ref_lik
 from ..reference.common import REDUCTIONS
 
-__all__ = ["binary_cross_entropy_with_logits", "poisson_nll_loss", "negative_binomial_nll", "zinb_nll"]
+__all__ = ["binary_cross_entropy_with_logits", "poisson_nll_loss", "negative_binomial_nll", "zinb_nll",
+           "LossDtypeError"]
+
+
+class LossDtypeError(TypeError, NotImplementedError):
+    """An integer or bool logit or BCE target: torch raises ``RuntimeError`` (or its subclass
+    ``NotImplementedError``) for these, fastvae's argument checks ``TypeError``; this is both."""
+
+
+def _check_floating(name: str, t: object) -> Tensor:
+    check_tensor(name, t, integer_ok=True)
+    if not t.is_floating_point():  # type: ignore[union-attr]
+        raise LossDtypeError(f"{name} must have a floating-point dtype, got {t.dtype}")  # type: ignore[union-attr]
+    return t  # type: ignore[return-value]
+
+
+class _Shape:
+    """A shape where broadcast_pair reads a tensor's (its message names the sizes and the dim)."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 def _torch_reduction_arg(reduction: object, size_average: object, reduce: object, shape) -> str:
@@ -36,7 +61,7 @@ def _torch_reduction_arg(reduction: object, size_average: object, reduce: object
 def _check_no_growth(name: str, t: Tensor, input: Tensor) -> None:
     """torch multiplies the loss by weight / pos_weight in place: one that would grow the loss's shape
     fails there with this message."""
-    shape = torch.broadcast_shapes(t.shape, input.shape)
+    shape = broadcast_shapes(t.shape, input.shape)
     if shape != input.shape:
         raise ShapeError(
             f"{name} of shape {tuple(t.shape)} grows the loss: "
@@ -61,16 +86,19 @@ def binary_cross_entropy_with_logits(
 
         loss = weight * ((1 - t) x + (1 + (pos_weight - 1) t) softplus(-x))
 
-    On the Triton path the loss and both gradients are written in one pass.
+    As torch: the loss comes out in the target's dtype (fp32 for a half target under autocast); weight and
+    pos_weight may be integer tensors, input and target may not (``LossDtypeError``, a TypeError and a
+    RuntimeError). On the Triton path the loss and both gradients are written in one pass, reading dense
+    inputs (channels_last included) where they lie; gradients come back in the input's memory format.
     """
-    check_tensor("input", input)
-    check_tensor("target", target)
+    _check_floating("input", input)
+    _check_floating("target", target)
     reduction = _torch_reduction_arg(reduction, size_average, reduce, input.shape)
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
         if t is not None:
-            check_tensor(name, t)
+            check_tensor(name, t, integer_ok=True)
             if t.requires_grad and torch.is_grad_enabled():
                 raise RuntimeError(
                     f"The function 'binary_cross_entropy_with_logits' is not differentiable with respect to "
@@ -89,7 +117,7 @@ def binary_cross_entropy_with_logits(
 
         if _triton.bce_supported(input, target, weight, pos_weight):
             return _triton.bce_with_logits(input, target, weight, pos_weight, reduction=reduction,
-                                           out_dtype=reference.dtypes(input, target, *extra)[0])
+                                           out_dtype=ref_lik.bce_out_dtype(target))
     return reference.bce_with_logits(input, target, weight, pos_weight, reduction)
 
 
@@ -110,11 +138,12 @@ def poisson_nll_loss(
 
         loss = exp(x) - t x   |   x - t log(x + eps)     [+ t log t - t + 0.5 log(2 pi t) where t > 1, if full]
 
-    On the Triton path the loss and the gradients to input and target are written in one pass (input and
-    target of one shape; a broadcast pair takes the eager path).
+    Integer input or target are promoted as torch promotes them (an integer tensor counts as the default
+    float dtype). On the Triton path the loss and the gradients to input and target are written in one pass
+    (input and target of one shape; a broadcast pair takes the eager path).
     """
-    check_tensor("input", input)
-    check_tensor("target", target)
+    check_tensor("input", input, integer_ok=True)
+    check_tensor("target", target, integer_ok=True)
     check_same_device(input=input, target=target)
     # torch's message names the target as tensor a
     shape = broadcast_pair("target", target, "input", input)
@@ -123,23 +152,31 @@ def poisson_nll_loss(
         from .. import _triton
 
         return _triton.poisson_nll(input, target, log_input=bool(log_input), full=bool(full), eps=float(eps),
-                                   reduction=reduction, out_dtype=reference.dtypes(input, target)[0])
+                                   reduction=reduction, out_dtype=ref_lik.float_dtypes(input, target)[0])
     return reference.poisson_nll(input, target, bool(log_input), bool(full), float(eps), reduction)
 
 
-def _check_counts(x: Tensor, mu: Tensor, theta: Tensor, pi_logits: Tensor | None, eps: float, reduction: str):
-    check_tensor("x", x)
+def _check_counts(x: Tensor, mu: Tensor, theta: Tensor, pi_logits: Tensor | None, eps: float,
+                  reduction: str) -> torch.Size:
+    """The checks of NB and ZINB; the broadcast shape of all their arguments (the loss's)."""
+    check_tensor("x", x, integer_ok=True)
     check_tensor("mu", mu)
     check_tensor("theta", theta)
-    check_same_shape("mu", mu, "x", x)
-    check_broadcastable_to("theta", theta, "mu", mu)
     if pi_logits is not None:
         check_tensor("pi_logits", pi_logits)
-        check_same_shape("pi_logits", pi_logits, "x", x)
     check_same_device(x=x, mu=mu, theta=theta, pi_logits=pi_logits)
+    # scvi's formulas are elementwise torch ops: every argument broadcasts with every other, in any direction
+    shape = broadcast_pair("x", x, "mu", mu)
+    shape = broadcast_pair("x and mu", _Shape(shape), "theta", theta)
+    if pi_logits is not None:
+        shape = broadcast_pair("x, mu and theta", _Shape(shape), "pi_logits", pi_logits)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    check_reduction(reduction, shape=x.shape)
+    check_reduction(reduction, shape=shape)
+    if validating(False, x, mu, theta):  # scvi checks nothing here: only when validation is asked for
+        check_values(ref_lik.invalid_counts(x, mu, theta),
+                     "x, mu and theta must be >= 0 (counts, a mean and an inverse dispersion)")
+    return shape
 
 
 def negative_binomial_nll(
@@ -157,16 +194,19 @@ def negative_binomial_nll(
         loss = -(th (log(th + eps) - log(th + mu + eps)) + x (log(mu + eps) - log(th + mu + eps))
                  + lgamma(x + th) - lgamma(th) - lgamma(x + 1))
 
-    ``mu`` has x's shape; ``theta`` broadcasts to it (one per gene: shape ``(G,)``, broadcast over cells).
-    Gradients flow to mu and theta (x is data). On the Triton path: one pass, digamma included.
+    x, mu and theta broadcast as the formula's torch ops do (the loss has their broadcast shape; theta is
+    typically one per gene, shape ``(G,)``); x may be an integer tensor (promoted as torch's ``lgamma``
+    does). Gradients flow to every argument. A negative x, mu or theta gives NaN in the loss and the
+    gradients (``fastvae.set_default_validate_args(True)`` raises ValueError instead). On the Triton path:
+    one pass, digamma included (a broadcast x or mu is expanded to the loss's shape first).
     """
-    _check_counts(x, mu, theta, None, eps, reduction)
+    shape = _check_counts(x, mu, theta, None, eps, reduction)
     if use_triton(backend, x, mu, theta):
         from .. import _triton
 
-        if _triton.nb_supported(x, mu, theta, None):
-            return _triton.nb_nll(x, mu, theta, None, eps=eps, reduction=reduction,
-                                  out_dtype=reference.dtypes(x, mu, theta)[0])
+        if _triton.nb_supported(shape, x, theta):
+            return _triton.nb_nll(x.expand(shape), mu.expand(shape), theta, None, eps=eps, reduction=reduction,
+                                  out_dtype=ref_lik.float_dtypes(x, mu, theta)[0])
     return reference.negative_binomial_nll(x, mu, theta, float(eps), reduction)
 
 
@@ -185,14 +225,15 @@ def zinb_nll(
 
         loss = -(softplus(-pi + th (log(th + eps) - log(th + mu + eps))) - softplus(-pi))
 
-    and for x > eps ``-(log_nb - softplus(-pi) - pi)`` (see ``negative_binomial_nll``). ``mu`` and
-    ``pi_logits`` have x's shape, ``theta`` broadcasts to it. Gradients flow to mu, theta and pi_logits.
+    and for x > eps ``-(log_nb - softplus(-pi) - pi)`` (see ``negative_binomial_nll``, whose broadcasting,
+    dtypes and invalid values this follows; scvi's own ``log_zinb_positive`` first reshapes a 1-D theta to
+    ``(1, G)``, which ``fastvae.integrations.scvi`` does too). Gradients flow to every argument.
     """
-    _check_counts(x, mu, theta, pi_logits, eps, reduction)
+    shape = _check_counts(x, mu, theta, pi_logits, eps, reduction)
     if use_triton(backend, x, mu, theta, pi_logits):
         from .. import _triton
 
-        if _triton.nb_supported(x, mu, theta, pi_logits):
-            return _triton.nb_nll(x, mu, theta, pi_logits, eps=eps, reduction=reduction,
-                                  out_dtype=reference.dtypes(x, mu, theta, pi_logits)[0])
+        if _triton.nb_supported(shape, x, theta):
+            return _triton.nb_nll(x.expand(shape), mu.expand(shape), theta, pi_logits.expand(shape), eps=eps,
+                                  reduction=reduction, out_dtype=ref_lik.float_dtypes(x, mu, theta, pi_logits)[0])
     return reference.zinb_nll(x, mu, theta, pi_logits, float(eps), reduction)
