@@ -19,6 +19,15 @@ twice; shorter rows fit 32-bit arithmetic).
 import triton
 import triton.language as tl
 
+# interpreter_safe_loops: a loop over a runtime bound here is a `while`, not `for ... in range(0, n, STEP)`. Under
+# TRITON_INTERPRET=1, triton 3.3 to 3.6 at least (the declared floor is 3.3) hands a kernel's integer argument
+# over as a 1-element numpy array and range() takes it through int(), which numpy >= 2.4 rejects ("only
+# 0-dimensional arrays can be converted to Python scalars"); a `while` condition goes through bool(), which
+# numpy still allows. Compiled, it is an scf.while where range() gave an scf.for: no software pipelining of
+# the loads, which these loops (one to a few passes a launch, after the loss kernel) do not need; every
+# recorded specialization of them compiles for sm_90 without spills under triton 3.6 and 3.9.
+# ci/interpreter_smoke.py runs them on the floor's triton with the newest numpy.
+
 # GO_MODE: the shape of the grad_output that scales a forward-written gradient
 GO_SCALAR = tl.constexpr(0)  # a full reduction: one value
 GO_ELEMENTWISE = tl.constexpr(1)  # reduction="none": one value per element
@@ -91,9 +100,11 @@ def store_loss(loss, mask, loss_ptr, offs, pid, row_len,
 def sum_partials_kernel(partial_ptr, out_ptr, n_partials, scale, BLOCK: tl.constexpr):
     """out = scale * sum_p partial[p], in a fixed order, by one program."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK):
+    start = 0
+    while start < n_partials:  # not range(): see interpreter_safe_loops above
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < n_partials, other=0.0)
+        start += BLOCK
     tl.store(out_ptr, (tl.sum(acc, axis=0) * scale).to(out_ptr.dtype.element_ty))
 
 
@@ -110,10 +121,12 @@ def sum_row_partials_kernel(partial_ptr, out_ptr, n_rows, row_len, tile, max_seg
     first = s * set_stride + r * row_len // tile + r
     last = s * set_stride + ((r + 1) * row_len - 1) // tile + r
     acc = tl.zeros([ROWS], dtype=tl.float32)
-    for j in range(0, max_segments, SEGMENTS):
+    j = 0
+    while j < max_segments:  # not range(): see interpreter_safe_loops above
         slot = first[:, None] + j + tl.arange(0, SEGMENTS)[None, :]
         m = live[:, None] & (slot <= last[:, None])
         acc += tl.sum(tl.load(partial_ptr + slot, mask=m, other=0.0), axis=1)
+        j += SEGMENTS
     tl.store(out_ptr + q, (acc * scale).to(out_ptr.dtype.element_ty), mask=live)
 
 
