@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+from report import REFERENCES, case_key, speedups
 from torch import Tensor
 
 GIB = 2**30
@@ -51,7 +52,7 @@ MODES = ("fwd", "fwdbwd")
 # ``formula``, the formula written by hand, eager and compiled
 REF_IMPLS = ("eager", "compile")
 FORMULA_IMPLS = ("formula", "formula-compile")
-REFERENCES = REF_IMPLS + FORMULA_IMPLS
+assert REF_IMPLS + FORMULA_IMPLS == REFERENCES  # report.py's, which computes the speedups over them
 OP_IMPLS = (*REF_IMPLS, "fastvae-torch", "fastvae-triton")
 TRAIN_IMPLS = (*REFERENCES, "fastvae")
 SMALL_EXPS = (16, 18, 20)  # 2^16 - 2^20 elements: dispatch and launch counts, not bytes, set the time
@@ -614,39 +615,19 @@ def train_limits(device: torch.device):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _case_key(info: dict) -> tuple:
-    return info.get("op"), info.get("mode"), info.get("dtype"), tuple(info.get("shape") or ())
-
-
 def row_median(row: dict) -> float:
     """Seconds per call of a pytest-benchmark row: the harness's device time, else pytest-benchmark's median."""
     return row["extra_info"].get("median_s") or row["stats"]["median"]
 
 
-def speedups(medians: dict[tuple, float], key: tuple, median: float) -> dict[str, Any]:
-    """speedup_vs_<reference> (the reference's median over ``median``; None where it did not run), and
-    speedup_vs_best / best_ref: over the fastest reference of the case."""
-    out: dict[str, Any] = {}
-    refs = {}
-    for ref in REFERENCES:
-        m = medians.get((key, ref))
-        out[f"speedup_vs_{ref.replace('-', '_')}"] = m / median if m else None
-        if m:
-            refs[ref] = m
-    best = min(refs, key=refs.__getitem__) if refs else None
-    out["best_ref"] = best
-    out["speedup_vs_best"] = refs[best] / median if best else None
-    return out
-
-
 def add_speedups(rows: Sequence[dict]) -> None:
     """extra_info speedup_vs_<reference> and speedup_vs_best for every timed row."""
-    medians = {(_case_key(r["extra_info"]), r["extra_info"].get("impl")): row_median(r) for r in rows}
+    medians = {(case_key(r["extra_info"]), r["extra_info"].get("impl")): row_median(r) for r in rows}
     for r in rows:
         info = r["extra_info"]
         if "op" not in info:  # the fit-batch rows: no timing to compare
             continue
-        info.update(speedups(medians, _case_key(info), row_median(r)))
+        info.update(speedups(medians, case_key(info), row_median(r)))
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -17,10 +17,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 IMPL_ORDER = ("eager", "compile", "formula", "formula-compile", "fastvae-torch", "fastvae-triton", "fastvae")
 REFERENCES = ("eager", "compile", "formula", "formula-compile")  # as bench/conftest.py's
@@ -76,23 +72,30 @@ def load(paths: Sequence[str]) -> tuple[list[dict], dict[str, Any]]:
 
 
 def case_key(r: dict) -> tuple:
-    return r["op"], r["mode"], r["dtype"], tuple(r["shape"])
+    return r.get("op"), r.get("mode"), r.get("dtype"), tuple(r.get("shape") or ())
+
+
+def speedups(medians: dict[tuple, float], key: tuple, median: float) -> dict[str, Any]:
+    """speedup_vs_<reference> (the reference's median over ``median``; None where it did not run), and
+    speedup_vs_best / best_ref: over the fastest reference of the case (``medians``: by (case key, impl))."""
+    out: dict[str, Any] = {}
+    refs = {}
+    for ref in REFERENCES:
+        m = medians.get((key, ref))
+        out[f"speedup_vs_{ref.replace('-', '_')}"] = m / median if m else None
+        if m:
+            refs[ref] = m
+    best = min(refs, key=refs.__getitem__) if refs else None
+    out["best_ref"] = best
+    out["speedup_vs_best"] = refs[best] / median if best else None
+    return out
 
 
 def fill_speedups(rows: list[dict]) -> None:
-    """Recompute the speedups (medians of the same case across files): over each reference, and over the
-    fastest reference of the case (``speedup_vs_best``, ``best_ref``)."""
+    """Recompute the speedups (medians of the same case across files)."""
     medians = {(case_key(r), r["impl"]): r["median_s"] for r in rows}
     for r in rows:
-        refs = {}
-        for ref in REFERENCES:
-            m = medians.get((case_key(r), ref))
-            r[f"speedup_vs_{ref.replace('-', '_')}"] = m / r["median_s"] if m else None
-            if m:
-                refs[ref] = m
-        best = min(refs, key=refs.__getitem__) if refs else None
-        r["best_ref"] = best
-        r["speedup_vs_best"] = refs[best] / r["median_s"] if best else None
+        r.update(speedups(medians, case_key(r), r["median_s"]))
 
 
 def impl_rank(impl: str) -> int:
@@ -291,6 +294,10 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
 
 def plot(rows: list[dict], meta: dict[str, Any], path: str) -> None:
     """GB/s against elements, one subplot per op/mode/dtype, one line per implementation (and inner shape)."""
+    import matplotlib  # here, not at the top: bench/conftest.py imports this module for its speedups
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = [r for r in rows if r.get("gbps")]
     panels = sorted(
         {(r["op"], r["mode"], r["dtype"]) for r in rows},
