@@ -220,3 +220,130 @@ def test_compiles_without_graph_break():
     fn = lambda z, e: fastvae.vector_quantize(z, e, estimator="rotation").loss  # noqa: E731
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(z, e), fn(z, e))
+
+
+def _lucidrains_ema(z, idx, cluster_size, embed_avg, decay, eps):
+    """vector-quantize-pytorch's EuclideanCodebook EMA step (one-hot form), float64."""
+    onehot = F.one_hot(idx, cluster_size.shape[0]).double()
+    cluster_size = cluster_size * decay + onehot.sum(0) * (1 - decay)
+    embed_avg = embed_avg * decay + (onehot.t() @ z.double()) * (1 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
+    return embed_avg / smoothed[:, None], cluster_size, embed_avg
+
+
+def test_ema_update_matches_vector_quantize_pytorch_over_steps(backend, device):
+    k, d = 12, 5
+    codebook = torch.randn(k, d, device=device)
+    size, avg = torch.zeros(k, device=device), codebook.clone()
+    ref = (codebook.double(), size.double(), avg.double())
+    for _ in range(3):
+        z = torch.randn(64, d, device=device)
+        idx = fastvae.vector_quantize(z, codebook, backend=backend).indices
+        out = fastvae.codebook_ema_update(z, idx, size, avg, decay=0.9)
+        ref = _lucidrains_ema(z, idx, ref[1], ref[2], 0.9, 1e-5)
+        codebook, size, avg = out.codebook, out.cluster_size, out.embed_sum
+        torch.testing.assert_close(codebook.double(), ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(size.double(), ref[1], rtol=1e-6, atol=1e-6)
+        assert not out.dead.any()
+
+
+def test_ema_sums_are_in_a_fixed_order():
+    z = torch.randn(5000, 3)
+    idx = torch.randint(0, 7, (5000,))
+    counts, sums = fastvae.reference.code_sums(z, idx, 9)
+    again = fastvae.reference.code_sums(z, idx, 9)[1]
+    assert torch.equal(sums, again)
+    # ~700 fp32 terms a code: their rounding, against the float64 sums
+    torch.testing.assert_close(sums.double(), torch.zeros(9, 3, dtype=torch.float64).index_add_(0, idx, z.double()),
+                               rtol=1e-4, atol=1e-4)
+    assert counts.tolist()[7:] == [0, 0]
+
+
+def test_dead_codes_are_replaced_from_the_batch(device):
+    k, d = 6, 4
+    z = torch.randn(30, d, device=device)
+    idx = torch.zeros(30, dtype=torch.long, device=device)  # every token on code 0: codes 1-5 starve
+    g = torch.Generator(device=device).manual_seed(5)
+    out = fastvae.codebook_ema_update(z, idx, torch.ones(k, device=device), torch.randn(k, d, device=device),
+                                      decay=0.5, dead_threshold=0.6, generator=g)
+    assert out.dead.tolist() == [False] + [True] * 5
+    for row in out.codebook[1:]:  # each replacement is a token of the batch
+        assert (row == z).all(1).any()
+    assert torch.equal(out.cluster_size[1:], torch.full((5,), 0.6, device=device))
+    torch.testing.assert_close(out.embed_sum[1:], out.codebook[1:] * 0.6)
+
+
+def _rvq_reference(z, codebooks, cw, bw):
+    """r_{s+1} = r_s - sg(q_s); output z + sg(sum q - z); per-stage losses summed; float64."""
+    residual, total, idxs, commit, book = z, 0, [], 0, 0
+    for cb in codebooks:
+        idx = _brute_force(residual, cb, False)
+        q = cb[idx]
+        commit = commit + F.mse_loss(residual, q.detach())
+        book = book + F.mse_loss(q, residual.detach())
+        total = total + q
+        residual = residual - q.detach()
+        idxs.append(idx)
+    return z + (total - z).detach(), torch.stack(idxs, -1), cw * commit + bw * book
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_residual_vq_matches_the_intended_detach(stages, backend, device):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    z = torch.randn(4, 6, 7, device=device, dtype=dtype).requires_grad_()
+    cbs = (torch.randn(stages, 20, 7, device=device, dtype=dtype) / (1 + torch.arange(stages, device=device)
+                                                                      )[:, None, None]).requires_grad_()
+    out = fastvae.residual_vector_quantize(z, cbs, preset="dac", backend=backend)
+    w = torch.randn_like(out.quantized)
+    (out.loss + (out.quantized * w).sum()).backward()
+    zr, cr = z.detach().double().reshape(-1, 7).requires_grad_(), cbs.detach().double().requires_grad_()
+    q, idx, loss = _rvq_reference(zr, cr, 0.25, 1.0)
+    (loss + (q * w.double().reshape(-1, 7)).sum()).backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.indices.reshape(-1, stages), idx)
+    torch.testing.assert_close(out.loss.double(), loss, **tol)
+    torch.testing.assert_close(out.quantized.double().reshape(-1, 7), q, **tol)
+    torch.testing.assert_close(z.grad.double().reshape(-1, 7), zr.grad, **tol)
+    torch.testing.assert_close(cbs.grad.double(), cr.grad, **tol)
+    if stages > 1:  # the last stage's commitment reaches the encoder (EnCodec's and DAC's residual cuts it)
+        zz = z.detach().requires_grad_()
+        last = fastvae.residual_vector_quantize(zz, cbs.detach()[-1:].expand(2, -1, -1).contiguous(),
+                                                commitment_weight=1.0, codebook_weight=0.0, backend=backend)
+        assert torch.autograd.grad(last.commitment, zz)[0].abs().sum() > 0
+
+
+def test_residual_vq_rejects_cosine():
+    with pytest.raises(ValueError, match="metric"):
+        fastvae.residual_vector_quantize(torch.randn(3, 4), torch.randn(2, 5, 4), metric="cosine")
+
+
+def _lloyd(tokens, centres, iters):
+    for _ in range(iters):
+        idx = _brute_force(tokens, centres, False)
+        new = torch.stack([tokens[idx == j].mean(0) if (idx == j).any() else centres[j]
+                           for j in range(centres.shape[0])])
+        centres = new
+    return centres
+
+
+def test_kmeans_is_lloyd_from_the_same_start(backend, device):
+    centres = torch.tensor([[5.0, 0, 0], [-5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]], device=device)
+    z = (centres[torch.arange(200, device=device) % 4] + 0.3 * torch.randn(200, 3, device=device))
+    g = torch.Generator(device=device).manual_seed(11)
+    start = z[torch.randperm(200, device=device, generator=torch.Generator(device=device).manual_seed(11))[:4]]
+    got = fastvae.kmeans(z, 4, iters=5, generator=g, backend=backend)
+    torch.testing.assert_close(got.double(), _lloyd(z.double(), start.double(), 5), rtol=1e-5, atol=1e-5)
+    # Lloyd's steps never raise the objective (a start with two centres in one cluster stays a local minimum)
+    inertia = lambda c: torch.cdist(z, c).min(1).values.pow(2).sum()  # noqa: E731
+    assert inertia(got) <= inertia(start) + 1e-4
+
+
+def test_kmeans_with_fewer_tokens_than_codes(device):
+    z = torch.randn(3, 2, device=device)
+    got = fastvae.kmeans(z, 8, iters=2)
+    assert got.shape == (8, 2) and all((row == z).all(1).any() for row in got)
+    with pytest.raises(ValueError, match="num_codes"):
+        fastvae.kmeans(z, 0)
+    with pytest.raises(ValueError, match="token"):
+        fastvae.kmeans(torch.randn(0, 2), 2)

@@ -41,6 +41,17 @@ from .discretized import (  # noqa: E402
 __all__ += ["bits_per_dim", "discretized_gaussian_nll", "discretized_logistic_nll",
             "discretized_mix_logistic_nll", "sample_discretized_mix_logistic"]
 __all__ += ["TCDecomposition", "mmd", "tc_decomposition"]
-from .vq import VQ_PRESETS, CodebookUsage, VQOutput, codebook_usage, vector_quantize  # noqa: E402
+from .vq import (  # noqa: E402
+    VQ_PRESETS,
+    CodebookEMA,
+    CodebookUsage,
+    VQOutput,
+    codebook_ema_update,
+    codebook_usage,
+    kmeans,
+    residual_vector_quantize,
+    vector_quantize,
+)
 
-__all__ += ["CodebookUsage", "VQ_PRESETS", "VQOutput", "codebook_usage", "vector_quantize"]
+__all__ += ["CodebookEMA", "CodebookUsage", "VQ_PRESETS", "VQOutput", "codebook_ema_update", "codebook_usage",
+            "kmeans", "residual_vector_quantize", "vector_quantize"]

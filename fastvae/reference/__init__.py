@@ -40,6 +40,16 @@ from .discretized import (  # noqa: E402
 __all__ += ["discretized_gaussian_nll", "discretized_logistic_nll", "discretized_mix_logistic_nll",
             "sample_discretized_mix_logistic"]
 __all__ += ["mmd", "tc_log_densities"]
-from .vq import codebook_usage, gather_codes, rotation_trick, straight_through, vq_losses, vq_search  # noqa: E402
+from .vq import (  # noqa: E402
+    code_sums,
+    codebook_usage,
+    ema_codebook,
+    gather_codes,
+    rotation_trick,
+    straight_through,
+    vq_losses,
+    vq_search,
+)
 
-__all__ += ["codebook_usage", "gather_codes", "rotation_trick", "straight_through", "vq_losses", "vq_search"]
+__all__ += ["code_sums", "codebook_usage", "ema_codebook", "gather_codes", "rotation_trick", "straight_through",
+            "vq_losses", "vq_search"]

@@ -87,3 +87,21 @@ def codebook_usage(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor,
     p = counts.to(torch.float32) / max(indices.numel(), 1)
     entropy = -torch.special.xlogy(p, p).sum()
     return counts, entropy.exp(), (counts > 0).sum()
+
+
+def code_sums(z: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """(counts (K,), per-code sums of the tokens (K, D)) in a fixed order: the tokens sorted by code (a stable
+    sort) and each code's run summed in sequence, so the result is bitwise the same on every run; index_add_
+    would take float atomics on CUDA, whose order (and rounding) changes between runs."""
+    counts = torch.bincount(indices, minlength=codebook_size)
+    order = torch.argsort(indices, stable=True)
+    sums = torch.segment_reduce(z[order], "sum", lengths=counts, axis=0, unsafe=True, initial=0)
+    return counts, sums
+
+
+def ema_codebook(cluster_size: Tensor, embed_sum: Tensor, eps: float) -> Tensor:
+    """The EMA codebook from its running statistics, Laplace-smoothed as vector-quantize-pytorch and
+    Sonnet do: e_k = embed_sum_k / n_k, n_k = (cluster_size_k + eps) / (sum + K eps) * sum."""
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
+    return embed_sum / smoothed.unsqueeze(-1)
