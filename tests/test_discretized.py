@@ -290,10 +290,6 @@ def test_dmol_errors(backend, device):
         nll(x[:, :2], p, num_mixtures=5, backend=backend)
     with pytest.raises(ValueError, match=r"layout must be one of"):
         nll(x, p, num_mixtures=5, layout="NHWC", backend=backend)
-    with pytest.raises(ValueError, match=r"x must lie in \[-1, 1\]"):
-        nll(x * 1.5, p, num_mixtures=5, backend=backend)
-    with pytest.raises(ValueError, match=r"x must lie in"):
-        nll(torch.full_like(x, float("nan")), p, num_mixtures=5, backend=backend)
     with pytest.raises(TypeError, match="num_mixtures must be an int"):
         nll(x, p, num_mixtures=5.0, backend=backend)
     with pytest.raises(ValueError, match="bits must be in"):
@@ -508,10 +504,6 @@ def test_one_component_errors(backend, device):
     m, s = torch.rand(2, 3, device=device), torch.rand(2, 3, device=device)
     with pytest.raises(ValueError, match="log_scale must have the shape of x"):
         fastvae.discretized_gaussian_nll(x, m, s[:, :2], backend=backend)
-    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
-        fastvae.discretized_logistic_nll(x + 1, m, s, backend=backend)
-    with pytest.raises(ValueError, match=r"x must lie in \[-1, 1\]"):
-        fastvae.discretized_gaussian_nll(x * 3, m, s, backend=backend)
     with pytest.raises(ValueError, match="binsize must be a number > 0"):
         fastvae.discretized_logistic_nll(x, m, s, binsize=0.0, backend=backend)
 
@@ -614,3 +606,478 @@ def test_trainer_dmol(tmp_path, backend):
     # 64 pixels of 8 bits: a useful model is well under 8 bits/dim, and no likelihood of a bin exceeds 1
     assert 0 < line["test_bpd"] < 8 and line["test_elbo"] < 0
     assert line["test_bpd"] == pytest.approx(-line["test_elbo"] / (64 * math.log(2)))
+
+
+# ------------------------------------------ drop-in behaviour: invalid images, second order, torch.func,
+# ------------------------------------------ compile, no host sync, strides, 64-bit offsets, GPU special functions
+
+MIX_M = 2
+
+
+def _family_inputs(family: str, dtype=torch.float32, tiny: bool = False):
+    """(x, [differentiable inputs]) of one small problem of each op (``tiny``: two pixels, for
+    gradgradcheck's numerical Jacobians)."""
+    g = torch.Generator().manual_seed(11)
+    if family.startswith("dmol"):
+        layout = "channels_first" if family.endswith("first") else "channels_last"
+        c = 1 if family.endswith("first") else 3
+        b, h, w = (1, 1, 2) if tiny else (2, 2, 3)
+        k = torch.randint(0, 256, (b, h, w, c), generator=g)
+        k[0, 0, 0] = 0
+        k[-1, -1, -1] = 255
+        x = k.double() / 255 * 2 - 1
+        blocks = [torch.randn(b, h, w, MIX_M, generator=g)]
+        for _ in range(c):  # scales e^-3..e^0 and means near x: every bin's probability well above 1e-5
+            blocks += [torch.rand(b, h, w, MIX_M, generator=g) * 1.6 - 0.8,
+                       torch.rand(b, h, w, MIX_M, generator=g) * 3 - 3]
+            if c == 3:
+                blocks.append(torch.randn(b, h, w, MIX_M, generator=g))
+        p = torch.cat(blocks, -1).double()
+        if layout == "channels_first":
+            x, p = x.permute(0, 3, 1, 2).contiguous(), p.permute(0, 3, 1, 2).contiguous()
+        return x.to(DEVICE, dtype), [p.to(DEVICE, dtype)]
+    shape = (1, 3) if tiny else (2, 5)
+    if family == "logistic":
+        x = torch.randint(0, 256, shape, generator=g).double() / 256
+        mean = x + 0.02 * torch.randn(shape, generator=g, dtype=torch.float64)
+    else:
+        k = torch.randint(0, 256, shape, generator=g)
+        k[0, 0], k[-1, -1] = 0, 255
+        x = k.double() / 255 * 2 - 1
+        mean = x + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)
+    ls = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 4
+    return x.to(DEVICE, dtype), [mean.to(DEVICE, dtype), ls.to(DEVICE, dtype)]
+
+
+def _family_loss(family: str, x, *ts, backend=None, reduction="sum"):
+    if family.startswith("dmol"):
+        layout = "channels_first" if family.endswith("first") else "channels_last"
+        return fastvae.discretized_mix_logistic_nll(x, ts[0], num_mixtures=MIX_M, layout=layout,
+                                                    reduction=reduction, backend=backend)
+    return _one_fn(family)(x, *ts, reduction=reduction, backend=backend)
+
+
+FAMILIES = ["dmol-last", "dmol-first", "logistic", "gaussian"]
+
+
+def _close_eager(a, e):
+    """a (fp32) against the float64 formula, within the eager fp32 formula's cancellation (DMOL_TOL's torch
+    pass tolerance, atol relative to the largest magnitude): the create_graph gradients are the eager
+    formula's on either path."""
+    scale = max(1.0, e.detach().abs().max().item()) if e.numel() else 1.0
+    torch.testing.assert_close(a.detach().double(), e.detach(), rtol=2e-3, atol=2e-3 * scale)
+
+
+@pytest.fixture
+def validate_setting():
+    yield fastvae.set_default_validate_args
+    fastvae.set_default_validate_args(None)
+
+
+def _bad_mask(family: str, x: torch.Tensor) -> tuple:
+    """(x with one element above the range and one NaN, the loss elements they spoil)."""
+    x = x.clone()
+    if family.startswith("dmol"):
+        cdim = 1 if family.endswith("first") else -1
+        xl = x.movedim(cdim, -1)
+        xl[0, 0, 1, -1] = 1.5
+        xl[1, 1, 2, 0] = float("nan")
+        bad = torch.zeros(xl.shape[:-1], dtype=torch.bool, device=x.device)
+        bad[0, 0, 1] = bad[1, 1, 2] = True
+        return x, bad
+    x[0, 1] = 1.5
+    x[1, 3] = float("nan")
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    bad[0, 1] = bad[1, 3] = True
+    return x, bad
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_invalid_images_give_nan_and_raise_only_when_validating(family, backend, validate_setting):
+    """An image outside its range, or NaN: the loss of its pixel and every gradient of that pixel's
+    parameters are NaN, the rest is the float64 formula's (no device assert, no host read); the ValueError
+    only with set_default_validate_args(True), the same on both backends."""
+    x, ts = _family_inputs(family)
+    x_bad, bad = _bad_mask(family, x)
+    leaves = [t.clone().requires_grad_() for t in ts]
+    out = _family_loss(family, x_bad, *leaves, backend=backend, reduction="none")
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert torch.equal(out.isnan(), bad)
+    grads = torch.autograd.grad(_family_loss(family, x_bad, *leaves, backend=backend, reduction="sum"), leaves)
+    assert all(g.isnan().any() for g in grads)
+    x_ok = torch.where(x_bad.isnan() | (x_bad.abs() > 1), x, x_bad)
+    leaves64 = [t.double().requires_grad_() for t in ts]
+    ref = _family_loss(family, x_ok.double(), *leaves64, backend="torch", reduction="none")
+    grads64 = torch.autograd.grad(ref.sum(), leaves64)
+    _close_eager(out[~bad], ref[~bad])
+    cdim = (1 if family.endswith("first") else -1) if family.startswith("dmol") else None
+    for g, g64 in zip(grads, grads64):
+        spoilt = bad if cdim is None else bad.unsqueeze(cdim).expand_as(g)
+        assert torch.equal(g.isnan(), spoilt)
+        _close_eager(g[~spoilt], g64[~spoilt])
+    validate_setting(True)
+    lo = "0" if family == "logistic" else "-1"
+    with pytest.raises(ValueError, match=rf"x must lie in \[{lo}, 1\]"):
+        _family_loss(family, x_bad, *ts, backend=backend)
+    _family_loss(family, x, *ts, backend=backend)  # valid images pass the check
+
+
+def test_nan_log_scale_is_not_clamped_away(backend):
+    """A NaN log scale falls through the clamp at -7 (a GPU's max() would return -7): NaN loss there."""
+    x, (p,) = _family_inputs("dmol-last")
+    p = p.clone()
+    p[0, 1, 2, MIX_M + MIX_M] = float("nan")  # channel 0's first log scale of one pixel
+    out = _family_loss("dmol-last", x, p, backend=backend, reduction="none")
+    expect = torch.zeros_like(out, dtype=torch.bool)
+    expect[0, 1, 2] = True
+    assert torch.equal(out.isnan(), expect)
+
+
+def _grad_of_grad(family, x, ts, backend, vs):
+    leaves = [t.detach().clone().requires_grad_() for t in ts]
+    grads = torch.autograd.grad(_family_loss(family, x, *leaves, backend=backend), leaves, create_graph=True)
+    second = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), leaves)
+    return grads, second
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_order(family, backend):
+    """create_graph=True gives the float64 formula's second-order numbers on the call's path (the kernels'
+    forward, the eager formula's differentiable backward); the plain backward agrees with the create_graph
+    one; gradgradcheck on the float64 eager path."""
+    x, ts = _family_inputs(family)
+    vs = [torch.randn_like(t) for t in ts]
+    grads, second = _grad_of_grad(family, x, ts, backend, vs)
+    grads64, second64 = _grad_of_grad(family, x.double(), [t.double() for t in ts], "torch",
+                                      [v.double() for v in vs])
+    for a, e in zip(grads + second, grads64 + second64):
+        assert a.dtype == torch.float32
+        _close_eager(a, e)
+    leaves = [t.clone().requires_grad_() for t in ts]
+    plain = torch.autograd.grad(_family_loss(family, x, *leaves, backend=backend), leaves)
+    for a, e in zip(plain, grads):
+        _close_eager(a, e.double())
+    if BACKEND == "torch":
+        x64, small = _family_inputs(family, torch.float64, tiny=True)
+        small = [t.requires_grad_() for t in small]
+        assert torch.autograd.gradgradcheck(lambda *t: _family_loss(family, x64, *t, backend="torch"), small,
+                                            fast_mode=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_func(family, backend):
+    """torch.func.grad (the eager path, whatever the backend) gives autograd's gradient; vmap over a stack of
+    problems gives each one's value."""
+    x, ts = _family_inputs(family)
+    argnums = tuple(range(len(ts)))
+    grads = torch.func.grad(lambda *t: _family_loss(family, x, *t, backend=backend), argnums=argnums)(*ts)
+    leaves = [t.clone().requires_grad_() for t in ts]
+    expect = torch.autograd.grad(_family_loss(family, x, *leaves, backend="torch"), leaves)
+    for a, e in zip(grads, expect):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    stacks = [torch.stack([t, t * 0.9]) for t in ts]
+    batched = torch.func.vmap(lambda *t: _family_loss(family, x, *t, backend=backend))(*stacks)
+    each = torch.stack([_family_loss(family, x, *(s[k] for s in stacks), backend="torch") for k in range(2)])
+    torch.testing.assert_close(batched, each, rtol=1e-5, atol=1e-6)
+
+
+def _every_op(x3, p, xl, mean, ls, xg, backend):
+    """One call of each public op of the family."""
+    nll = fastvae.discretized_mix_logistic_nll(x3, p, num_mixtures=MIX_M, reduction="batchmean", backend=backend)
+    s = fastvae.sample_discretized_mix_logistic(p, num_mixtures=MIX_M, backend=backend)
+    a = fastvae.discretized_logistic_nll(xl, mean, ls, reduction="sum", backend=backend)
+    b = fastvae.discretized_gaussian_nll(xg, mean, ls, reduction="mean", backend=backend)
+    return nll + a + b + fastvae.bits_per_dim(nll, 12), s
+
+
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) through every public op (no graph break: no host read; the sampler's key
+    drawn on the device) gives the uncompiled numbers, gradients and (same seed) samples."""
+    x3, (p,) = _family_inputs("dmol-last")
+    xl, (mean, ls) = _family_inputs("logistic")
+    xg, _ = _family_inputs("gaussian")
+    compile_backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(_every_op, fullgraph=True, backend=compile_backend)
+    results = []
+    for fn in (_every_op, compiled):
+        leaves = [t.clone().requires_grad_() for t in (p, mean, ls)]
+        torch.manual_seed(9)
+        loss, s = fn(x3, leaves[0], xl, leaves[1], leaves[2], xg, backend)
+        results.append((loss.detach(), s, *torch.autograd.grad(loss, leaves)))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Every way a tensor's value reaches the host, and a list copied to the device, raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the op path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_host_sync(family, backend, no_host_reads):
+    """Forward, backward and the sampler read nothing back at the default validation setting (no torch
+    twin checks these formulas' images)."""
+    x, ts = _family_inputs(family)
+    leaves = [t.requires_grad_() for t in ts]
+    _family_loss(family, x, *leaves, backend=backend).backward()
+    if family.startswith("dmol"):
+        fastvae.sample_discretized_mix_logistic(ts[0], num_mixtures=MIX_M, channels=x.shape[-1 if
+                                                family.endswith("last") else 1],
+                                                layout="channels_first" if family.endswith("first")
+                                                else "channels_last", backend=backend)
+
+
+# strided forms of the mixture's inputs: (name, layout, x, params) from contiguous channels-last x, params
+def _strided_mixtures():
+    g = torch.Generator().manual_seed(12)
+    b, h, w, m = 2, 3, 4, 2
+    p_last = torch.cat([torch.randn(b, h, w, m, generator=g)]
+                       + [torch.cat([torch.rand(b, h, w, m, generator=g) * 1.6 - 0.8,
+                                     torch.rand(b, h, w, m, generator=g) * 3 - 3,
+                                     torch.randn(b, h, w, m, generator=g)], -1) for _ in range(3)], -1)
+    x_last = (torch.randint(0, 256, (b, h, w, 3), generator=g).double() / 255 * 2 - 1).float()
+    p_first, x_first = p_last.permute(0, 3, 1, 2), x_last.permute(0, 3, 1, 2)
+    wide = torch.randn(b, 10 * m + 5, h, w, generator=g)
+    wide[:, :10 * m] = p_first
+    return [
+        # VDVAE: a (B, P, H, W) conv output permuted to (B, H, W, P)
+        ("permuted", "channels_last", x_last, p_first.contiguous().permute(0, 2, 3, 1)),
+        # NVAE's layout in the channels_last memory format
+        ("nhwc-memory", "channels_first", x_first.contiguous(memory_format=torch.channels_last),
+         p_first.contiguous(memory_format=torch.channels_last)),
+        # the params a chunk of a wider output
+        ("chunk", "channels_first", x_first.contiguous(), wide[:, :10 * m]),
+    ]
+
+
+@pytest.fixture
+def allocations(monkeypatch):
+    """(numel of every kernel buffer allocated, shapes of every tensor .contiguous() copied)."""
+    from fastvae._triton import common
+
+    allocs, copies = [], []
+    alloc, contiguous = common.alloc, torch.Tensor.contiguous
+
+    def counting_alloc(like, shape, dtype=None):
+        out = alloc(like, shape, dtype)
+        allocs.append(out.numel())
+        return out
+
+    def counting_contiguous(self, *args, **kwargs):
+        out = contiguous(self, *args, **kwargs)
+        if out.data_ptr() != self.data_ptr():
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(common, "alloc", counting_alloc)
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+    return allocs, copies
+
+
+STRIDED = [c[0] for c in _strided_mixtures()]
+
+
+@pytest.mark.parametrize("reduction", ["none", "per_sample", "sum"])
+@pytest.mark.parametrize("case", STRIDED)
+def test_strided_mixture_is_read_in_place(case, reduction, backend, request):
+    """VDVAE's permuted params, NVAE's layout in channels_last memory, a chunk of a wider output: the values
+    and gradients of contiguous copies; on the kernel path with no copy of x or params, one params-sized
+    allocation (the gradient) and the gradient (and the sample) in the params' dim order."""
+    name, layout, x, p = next(c for c in _strided_mixtures() if c[0] == case)
+    x, p = x.to(DEVICE), p.to(DEVICE)
+    expect_leaf = p.detach().contiguous().requires_grad_()
+    expect = fastvae.discretized_mix_logistic_nll(x.contiguous(), expect_leaf, num_mixtures=2, layout=layout,
+                                                  reduction=reduction, backend=backend)
+    go = torch.rand_like(expect) + 0.5
+    (expect_grad,) = torch.autograd.grad(expect, expect_leaf, go)
+    torch.manual_seed(4)
+    expect_sample = fastvae.sample_discretized_mix_logistic(p.contiguous(), num_mixtures=2, layout=layout,
+                                                            backend=backend)
+    allocs, copies = request.getfixturevalue("allocations") if BACKEND == "triton" else ([], [])
+    src = p.detach().requires_grad_()  # the same strides
+    out = fastvae.discretized_mix_logistic_nll(x, src, num_mixtures=2, layout=layout, reduction=reduction,
+                                               backend=backend)
+    (grad,) = torch.autograd.grad(out, src, go)
+    torch.manual_seed(4)
+    sample = fastvae.sample_discretized_mix_logistic(p, num_mixtures=2, layout=layout, backend=backend)
+    if BACKEND == "triton":
+        assert not copies, copies
+        assert sorted(n for n in allocs if n >= x.numel()) == [x.numel(), p.numel()], allocs  # sample, grad
+        order = lambda t: sorted(range(t.dim()), key=lambda d: -t.stride(d))  # noqa: E731
+        assert order(grad) == order(src) and grad.is_non_overlapping_and_dense()
+        assert order(sample) == order(src)
+    # the kernels do the same arithmetic per pixel whatever the strides; autograd's eager sums may reorder
+    tol = dict(rtol=0, atol=0) if BACKEND == "triton" else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out, expect, **tol)
+    torch.testing.assert_close(grad, expect_grad, **tol)
+    assert torch.equal(sample, expect_sample)
+
+
+@pytest.mark.parametrize("reduction", ["none", "per_sample"])
+@pytest.mark.parametrize("kind", ONE_KINDS)
+def test_one_component_channels_last_is_read_in_place(kind, reduction, backend, request):
+    """x, mean and log_scale in the channels_last memory format: walked in memory order, no copy, outputs
+    and gradients channels_last, the values of contiguous copies."""
+    x, (mean, _), (ls, _) = _one_component(kind, (2, 3, 2, 2), torch.float32)
+    x, mean, ls = (t.detach().contiguous(memory_format=torch.channels_last) for t in (x, mean, ls))
+    expect_leaves = [t.contiguous().requires_grad_() for t in (mean, ls)]
+    expect = _one_fn(kind)(x.contiguous(), *expect_leaves, reduction=reduction, backend=backend)
+    go = (torch.rand_like(expect) + 0.5)
+    go = go.contiguous(memory_format=torch.channels_last) if go.dim() == 4 else go
+    expect_grads = torch.autograd.grad(expect, expect_leaves, go)
+    allocs, copies = request.getfixturevalue("allocations") if BACKEND == "triton" else ([], [])
+    leaves = [t.detach().requires_grad_() for t in (mean, ls)]
+    out = _one_fn(kind)(x, *leaves, reduction=reduction, backend=backend)
+    grads = torch.autograd.grad(out, leaves, go)
+    if BACKEND == "triton":
+        assert not copies, copies
+        assert all(g.stride() == mean.stride() for g in grads)
+        if reduction == "none":
+            assert out.stride() == x.stride()
+    tol = dict(rtol=0, atol=0) if BACKEND == "triton" else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expect, **tol)
+    for a, e in zip(grads, expect_grads):
+        torch.testing.assert_close(a, e, **tol)
+
+
+class _Spy:
+    """A kernel's launcher that records each launch's keyword arguments."""
+
+    def __init__(self, fn, seen):
+        self._fn, self._seen = fn, seen
+
+    def __getitem__(self, grid):
+        launch = self._fn[grid]
+
+        def run(*args, **kwargs):
+            self._seen.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@triton_only
+def test_int64_offsets_give_the_same_numbers(monkeypatch):
+    """Offsets are int64 (WIDE) only when one could pass int32 (a channels-first image of 2^31 / (10 M)
+    pixels already does): forced on for small tensors, every kernel of the family (the mixture on every
+    strided form, the sampler, both one-component kinds) gives the int32 launch's numbers bit for bit."""
+    from fastvae._triton import discretized as disc_op
+
+    def run():
+        outs = []
+        for _, layout, x, p in _strided_mixtures():
+            leaf = p.detach().clone().requires_grad_()
+            for reduction in ("none", "per_sample"):
+                out = fastvae.discretized_mix_logistic_nll(x, leaf, num_mixtures=2, layout=layout,
+                                                           reduction=reduction, backend="triton")
+                outs += [out, *torch.autograd.grad(out.sum(), leaf)]
+            torch.manual_seed(2)
+            outs.append(fastvae.sample_discretized_mix_logistic(p, num_mixtures=2, layout=layout,
+                                                                backend="triton"))
+        for kind in ONE_KINDS:
+            x, ts = _family_inputs(kind)
+            leaves = [t.requires_grad_() for t in ts]
+            out = _family_loss(kind, x, *leaves, backend="triton", reduction="none")
+            outs += [out, *torch.autograd.grad(out.sum(), leaves)]
+        return outs
+
+    narrow = run()
+    seen = []
+    disc_k = disc_op.disc_k
+    for name in ("dmol_fwd_kernel", "dmol_sample_kernel", "discretized_fwd_kernel"):
+        monkeypatch.setattr(disc_k, name, _Spy(getattr(disc_k, name), seen))
+    monkeypatch.setattr(disc_op, "INT32_OFFSETS", 0)
+    wide = run()
+    assert len(seen) == 3 * 3 + 2 and all(kw["WIDE"] for kw in seen)
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.fixture
+def gpu_math(monkeypatch):
+    """The GPU's fp32 tl.exp / tl.log / division as Triton compiles them (approximate instructions that flush
+    subnormal inputs and results to zero), which the interpreter otherwise computes exactly."""
+    import triton.runtime.interpreter as interp
+
+    tiny = np.finfo(np.float32).tiny
+
+    def ftz(a):
+        if a.dtype != np.float32:
+            return a
+        return np.where(np.abs(a) < tiny, np.copysign(np.float32(0.0), a), a).astype(np.float32)
+
+    def unary(op):
+        return lambda self, arg: interp.TensorHandle(ftz(op(ftz(arg.data))), arg.dtype.scalar)
+
+    fdiv = interp.InterpreterBuilder.create_fdiv
+
+    def div(self, lhs, rhs):
+        out = fdiv(self, interp.TensorHandle(ftz(lhs.data), lhs.dtype.scalar),
+                   interp.TensorHandle(ftz(rhs.data), rhs.dtype.scalar))
+        return interp.TensorHandle(ftz(out.data), out.dtype.scalar)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_exp", unary(np.exp))
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_log", unary(np.log))
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_fdiv", div)
+
+
+def _extreme_check(out, ref, pairs):
+    """Finite, and close to float64: the kernels' terms are exact functions of fp32 inputs up to a few ulps
+    of the largest term (|log scale| up to 100, |logit| up to 1e4 here: ~1e-5 relative to that size), and a
+    flushed exponential changes a term by < 2^-126, so rtol 1e-5 with atol 1e-5 of the largest magnitude."""
+    assert torch.isfinite(out).all()
+    scale = max(1.0, ref.detach().abs().max().item())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5 * scale)
+    for a, e in pairs:
+        assert torch.isfinite(a.grad).all()
+        scale = max(1.0, e.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+@triton_only
+def test_mixture_extremes_under_gpu_math(gpu_math):
+    """Logits spread by thousands (softmax terms far below fp32's normals), log scales up to 100 (e^-s
+    subnormal or zero: the density branch), coefficients at +-40 (tanh saturated, 1 - tanh^2 ~ 1e-35): the
+    float64 formula's loss and gradients, all finite, with the GPU's flushing exp/log."""
+    b, h, w, m = 2, 2, 3, 4
+    x = _images(b, h, w, 3, "channels_last")
+    p = _params(b, h, w, 3, m, "channels_last")
+    p[..., :m] = torch.randn(b, h, w, m) * 2000
+    for c in range(3):
+        base = m + 3 * m * c
+        p[..., base + m:base + 2 * m] = torch.tensor([95.0, 88.0, -7.5, 60.0])
+        p[..., base + 2 * m:base + 3 * m] = torch.tensor([40.0, -40.0, 0.3, 20.0])
+    p[0, 0, 0, :m] = torch.tensor([0.0, 1e4, -1e4, 100.0])  # one pixel's mass on a wide component
+    p, p64 = _pair(p, torch.float32)
+    out = fastvae.discretized_mix_logistic_nll(x, p, num_mixtures=m, reduction="none", backend="triton")
+    ref = -dmol_log_prob(x.double(), p64, m)
+    backward_both(out, ref)
+    _extreme_check(out, ref, [(p, p64)])
+
+
+@triton_only
+@pytest.mark.parametrize("kind", ONE_KINDS)
+def test_one_component_extremes_under_gpu_math(kind, gpu_math):
+    """Log scales from -40 (DDPM's v^3 past fp32's range) to 100 (e^-s subnormal or zero, which made IAF's
+    0 * inf gradient NaN), means anywhere: finite, the float64 formula's numbers."""
+    n = 64
+    ls = torch.cat([torch.linspace(-40.0, -20.0, 8), torch.linspace(-6.0, 2.0, 8), torch.linspace(80.0, 104.0, 48)])
+    if kind == "logistic":
+        x = torch.randint(0, 256, (n,)).double() / 256
+        mean = torch.rand(n) * 1.2 - 0.1
+    else:
+        x = torch.randint(0, 256, (n,)).double() / 255 * 2 - 1
+        x[:4] = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+        mean = torch.rand(n) * 2.2 - 1.1
+    x = x.float().to(DEVICE).reshape(4, 16)
+    (mean, mean64), (ls, ls64) = _pair(mean.reshape(4, 16), torch.float32), _pair(ls.reshape(4, 16), torch.float32)
+    out = _one_fn(kind)(x, mean, ls, reduction="none", backend="triton")
+    ref = _one_ref(kind, x.double(), mean64, ls64)
+    backward_both(out, ref)
+    _extreme_check(out, ref, [(mean, mean64), (ls, ls64)])

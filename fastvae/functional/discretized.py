@@ -15,7 +15,9 @@ from .._checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    check_values,
     use_triton,
+    validating,
 )
 from ..reference.discretized import LAYOUTS, params_per_pixel
 
@@ -43,17 +45,12 @@ def _check_layout(layout: object) -> bool:
 
 
 def _check_range(name: str, x: Tensor, lo: float, hi: float) -> None:
-    """Images outside [lo, hi] are an error: on the CPU a ValueError; on CUDA a device-side assert (no host
-    sync, legal under compile and CUDA-graph capture)."""
-    if x.numel() == 0:
-        return
-    bad = ((x < lo) | (x > hi) | x.isnan()).any()
-    if x.device.type == "cpu":
-        if not torch.compiler.is_compiling() and bool(bad):
-            raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}]: got values in "
-                             f"[{x.min().item():g}, {x.max().item():g}]")
-    else:
-        torch._assert_async(~bad, f"{name} must lie in [{lo:g}, {hi:g}]")
+    """Images outside [lo, hi] (or NaN) give NaN in the loss and the gradients of their pixels on both
+    backends (no device assert, no host sync). These formulas have no torch twin that checks its input, so
+    the ValueError below is raised only when validation is on (``fastvae.set_default_validate_args(True)``):
+    one host sync, the same on both backends."""
+    if x.numel() and validating(False, x):
+        check_values(~((x >= lo) & (x <= hi)), f"{name} must lie in [{lo:g}, {hi:g}] (values outside it or NaN)")
 
 
 def _check_mixture_params(params: Tensor, num_mixtures: int, channels_first: bool, channels: int) -> None:
@@ -90,8 +87,13 @@ def discretized_mix_logistic_nll(
     x (B, C, ...), params (B, P, ...) as NVAE. C = 3 (P = 10 num_mixtures) or 1 (P = 3 num_mixtures, no
     coefficients). ``bits``: 2^bits levels (vdvae's low_bit is 5). The loss is per pixel (x's shape without
     the channel dim) before ``reduction`` (``"per_sample"``: summed per image; see ``bits_per_dim``).
-    Gradients flow to params; x is data. On the Triton path the loss and the params' gradient are one pass.
-    NVAE's own code takes x > 0.99 as the highest bin (8-bit bin 254 included) and x in [0, 1]: here x is in
+    Gradients flow to params; x is data. On the Triton path the loss and the params' gradient are one pass,
+    reading x and params where they lie (any strides whose spatial dims collapse: contiguous, channels_last
+    memory format, VDVAE's permuted conv output, a chunk), the gradient returned in params' dim order.
+    Invalid x (outside [-1, 1], or NaN): NaN loss and params' gradients for its pixel; a ValueError instead
+    only with ``fastvae.set_default_validate_args(True)`` (the formula has no torch twin that checks, so the
+    default is off). create_graph=True and torch.func take the eager formula's derivatives. NVAE's own code
+    takes x > 0.99 as the highest bin (8-bit bin 254 included) and x in [0, 1]: here x is in
     [-1, 1] and the highest bin is x > 0.999, as pixel-cnn and vdvae.
     """
     check_tensor("x", x)
@@ -135,7 +137,8 @@ def sample_discretized_mix_logistic(
     channel clipped to [-1, 1] (not rounded to a bin). Shape (B, ..., C) or (B, C, ...) by ``layout``, in
     params' dtype, no gradient. The noise comes from ``generator`` or torch's default generator of the
     device (``torch.manual_seed`` reproduces it bitwise on each backend); on the Triton path it is Philox
-    noise drawn in the kernel."""
+    noise drawn in the kernel (a 64-bit key drawn on the device: no host sync). The sample comes back in
+    params' dim order (channels_last params give a channels_last image)."""
     check_tensor("params", params)
     num_mixtures = _check_int("num_mixtures", num_mixtures, 1)
     if channels not in (1, 3) or isinstance(channels, bool):
@@ -176,7 +179,11 @@ def discretized_logistic_nll(
         q = floor(x / binsize) binsize,  y = (q - mean) / e^s
         loss = -log(sigmoid(y + binsize / e^s) - sigmoid(y) + 1e-7)
 
-    with s = ``log_scale``. Gradients flow to mean and log_scale; on the Triton path in one pass."""
+    with s = ``log_scale``. Gradients flow to mean and log_scale; on the Triton path in one pass, walking x,
+    mean and log_scale where they lie when they share one dense layout (outputs in that layout). x outside
+    [0, 1] or NaN: NaN loss and gradients there; a ValueError only with
+    ``fastvae.set_default_validate_args(True)`` (no torch twin checks this formula: off by default). mean and
+    log_scale must have x's shape (no broadcasting)."""
     _check_one_component(x, mean, log_scale, reduction)
     if isinstance(binsize, bool) or not isinstance(binsize, (int, float)) or not binsize > 0:
         raise ValueError(f"binsize must be a number > 0, got {binsize!r}")
@@ -202,7 +209,11 @@ def discretized_gaussian_nll(
     """DDPM's decoder term (``discretized_gaussian_log_likelihood``), negated, per element, x in [-1, 1]:
     a Gaussian of standard deviation e^s (s = ``log_scale``) through DDPM's tanh-approximated CDF over the
     bin of half-width 1 / (2^bits - 1), the lowest and highest bins open-ended, each log probability
-    floored at log(1e-12). Gradients flow to mean and log_scale; on the Triton path in one pass."""
+    floored at log(1e-12). Gradients flow to mean and log_scale; on the Triton path in one pass, walking x,
+    mean and log_scale where they lie when they share one dense layout (outputs in that layout). x outside
+    [-1, 1] or NaN: NaN loss and gradients there; a ValueError only with
+    ``fastvae.set_default_validate_args(True)`` (no torch twin checks this formula: off by default). mean and
+    log_scale must have x's shape (no broadcasting)."""
     _check_one_component(x, mean, log_scale, reduction)
     bits = _check_int("bits", bits, 1, 16)
     _check_range("x", x, -1.0, 1.0)

@@ -30,6 +30,11 @@ One component, per element (no logits, no coefficients):
 
 Inputs are computed in ``dtypes(...)[1]`` (fp32 for half types); gradients come from autograd through the
 formulas, which is what the kernels are tested against.
+
+Invalid images (the ``*_nll`` functions): an x outside its range ([-1, 1], IAF's [0, 1]) or NaN makes its
+pixel's (element's) loss NaN and every gradient of that pixel's parameters NaN, as the kernels do: the
+parameters are multiplied by a factor that is 1, or NaN there (a NaN factor in a product reaches the
+gradient whatever the formula's clamps and branches pass back; an added NaN would not).
 """
 
 from __future__ import annotations
@@ -107,11 +112,24 @@ def dmol_log_prob(x: Tensor, params: Tensor, num_mixtures: int, bits: int = 8,
     return torch.logsumexp(log_probs, dim=-1)
 
 
+def invalid_to_nan(x: Tensor, lo: float, hi: float, dim: int | None = None) -> Tensor:
+    """1 where x lies in [lo, hi], NaN where it does not or is NaN (with ``dim``: per pixel, NaN where any
+    channel along ``dim`` is invalid, that dim kept at size 1). No host sync."""
+    ok = (x >= lo) & (x <= hi)
+    if dim is not None:
+        ok = ok.all(dim=dim, keepdim=True)
+    one = torch.ones((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+    return torch.where(ok, one, torch.full_like(one, math.nan))
+
+
 def discretized_mix_logistic_nll(x: Tensor, params: Tensor, num_mixtures: int, bits: int, layout: str,
                                  reduction: str) -> Tensor:
-    """-dmol_log_prob per pixel, reduced over the pixels (shape: x's without the channel dim)."""
+    """-dmol_log_prob per pixel, reduced over the pixels (shape: x's without the channel dim); NaN for a
+    pixel of x outside [-1, 1]."""
     out_dtype, dt = dtypes(params, x)
-    loss = -dmol_log_prob(x.to(dt), params.to(dt), num_mixtures, bits, layout)
+    x, params = x.to(dt), params.to(dt)
+    nan = invalid_to_nan(x, -1.0, 1.0, 1 if layout == "channels_first" else -1)
+    loss = -dmol_log_prob(x * nan, params * nan, num_mixtures, bits, layout)
     return reduce(loss, reduction).to(out_dtype)
 
 
@@ -175,11 +193,15 @@ def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor, bi
 
 def discretized_logistic_nll(x: Tensor, mean: Tensor, log_scale: Tensor, binsize: float, reduction: str) -> Tensor:
     out_dtype, dt = dtypes(mean, log_scale, x)
-    loss = -discretized_logistic_log_prob(x.to(dt), mean.to(dt), log_scale.to(dt), binsize)
+    x = x.to(dt)
+    nan = invalid_to_nan(x, 0.0, 1.0)
+    loss = -discretized_logistic_log_prob(x * nan, mean.to(dt) * nan, log_scale.to(dt) * nan, binsize)
     return reduce(loss, reduction).to(out_dtype)
 
 
 def discretized_gaussian_nll(x: Tensor, mean: Tensor, log_scale: Tensor, bits: int, reduction: str) -> Tensor:
     out_dtype, dt = dtypes(mean, log_scale, x)
-    loss = -discretized_gaussian_log_prob(x.to(dt), mean.to(dt), log_scale.to(dt), bits)
+    x = x.to(dt)
+    nan = invalid_to_nan(x, -1.0, 1.0)
+    loss = -discretized_gaussian_log_prob(x * nan, mean.to(dt) * nan, log_scale.to(dt) * nan, bits)
     return reduce(loss, reduction).to(out_dtype)
