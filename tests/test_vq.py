@@ -347,3 +347,32 @@ def test_kmeans_with_fewer_tokens_than_codes(device):
         fastvae.kmeans(z, 0)
     with pytest.raises(ValueError, match="token"):
         fastvae.kmeans(torch.randn(0, 2), 2)
+
+
+def test_search_memory_is_linear_in_tokens_and_codes(backend, device):
+    """Search, losses and backward hold O(N D + K D) above the inputs on the kernels (one [64, 64] tile of
+    distances at a time, on a GPU in registers) and O(4096 K) on the eager path (its token chunks); taming's
+    VectorQuantizer2 and diffusers' copy hold the N x K distances, and vector-quantize-pytorch a one-hot too."""
+    from _memory import cpu_peak_bytes
+
+    if device.type != "cpu":
+        pytest.skip("CPU allocator events")
+    n, k, d = 2048, 1024, 4
+    z = torch.randn(n, d, requires_grad=True)
+    e = torch.randn(k, d, requires_grad=True)
+
+    def ours():
+        out = fastvae.vector_quantize(z, e, backend=backend)
+        (out.loss + out.quantized.sum()).backward()
+
+    def taming():
+        zq, loss = _taming(z, e, 0.25, True)
+        (loss + zq.sum()).backward()
+
+    nk = n * k * 4  # one fp32 N x K buffer: 8 MiB here
+    peak = cpu_peak_bytes(ours)
+    assert cpu_peak_bytes(taming) >= nk
+    if backend == "triton":
+        assert peak < 40 * n * d * 4 + 8 * k * d * 4, peak  # a few (N, D) terms and their gradients
+    else:
+        assert peak < 3 * min(n, 4096) * k * 4 + 40 * n * d * 4, peak  # a chunk's scores and temporaries
