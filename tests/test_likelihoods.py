@@ -493,17 +493,18 @@ def test_elbo_likelihoods(likelihood, backend, device):
             loss_fn(mean, x, mu, lv)
 
 
-@triton_only
-def test_compile_fullgraph():
+def test_compile_fullgraph(backend):
+    """Every op of the family traced into one graph (no host sync, no graph break) gives the eager numbers."""
     cnt = _counts((8, 12)).to(DEVICE)
     mu = (torch.rand(8, 12, device=DEVICE) + 0.1).requires_grad_()
     th = (torch.rand(12, device=DEVICE) + 0.3).requires_grad_()
     pi, logits = torch.randn(8, 12, device=DEVICE).requires_grad_(), torch.randn(8, 12, device=DEVICE).requires_grad_()
 
     def step(mu, th, pi, logits):
-        return (fastvae.zinb_nll(cnt, mu, th, pi, reduction="batchmean", backend="triton")
-                + fastvae.binary_cross_entropy_with_logits(logits, cnt.clamp(max=1), backend="triton")
-                + fastvae.poisson_nll_loss(logits, cnt, reduction="sum", backend="triton"))
+        return (fastvae.zinb_nll(cnt, mu, th, pi, reduction="batchmean", backend=backend)
+                + fastvae.negative_binomial_nll(cnt, mu, th, reduction="mean", backend=backend)
+                + fastvae.binary_cross_entropy_with_logits(logits, cnt.clamp(max=1), backend=backend)
+                + fastvae.poisson_nll_loss(logits, cnt, reduction="sum", backend=backend))
 
     # the interpreter cannot run under inductor on CPU; aot_eager still traces one graph with the custom ops
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
@@ -537,3 +538,99 @@ def test_trainer_bernoulli(objective, tmp_path, backend):
     (line,) = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # a Bernoulli log-likelihood of 64 pixels is negative: the ELBO is below 0 and finite
     assert -64 * math.log(2) * 2 < line["test_elbo"] < 0
+
+
+# ------------------------------------------------------------------------- second order, torch.func, compile
+
+
+def _second_order_case(op: str, dtype: torch.dtype):
+    """(fn(*leaves) -> loss, leaves) on fixed random data: the op at dtype (fastvae) or its float64 oracle (the
+    torch twin for BCE and Poisson, scvi's formulas for NB/ZINB) when ``oracle``."""
+    g = torch.Generator().manual_seed(7)
+    shape = (6, 5)
+
+    def r(*s, lo=0.0, scale=1.0, normal=False):
+        t = torch.randn(*s, generator=g) if normal else torch.rand(*s, generator=g)
+        return (t * scale + lo).to(DEVICE, dtype)
+
+    if op.startswith("bce"):
+        x, t = r(*shape, normal=True, scale=2.0), r(*shape)
+        w, p = (r(5, lo=0.5), r(5, lo=0.2, scale=2.0)) if op == "bce-weighted" else (None, None)
+
+        def fn(x, t, oracle=False):
+            f = F.binary_cross_entropy_with_logits if oracle else fastvae.binary_cross_entropy_with_logits
+            kw = {} if oracle else {"backend": BACKEND}
+            ww, pp = (None if v is None else v.to(x.dtype) for v in (w, p))
+            return f(x, t, ww, reduction="sum", pos_weight=pp, **kw)
+        return fn, [x, t]
+    if op.startswith("poisson"):
+        log_input = op == "poisson-log"
+        x = r(*shape, normal=True, scale=0.7) if log_input else r(*shape, lo=0.2, scale=3.0)
+        t = r(*shape, lo=0.1, scale=5.0)
+
+        def fn(x, t, oracle=False):
+            f = F.poisson_nll_loss if oracle else fastvae.poisson_nll_loss
+            kw = {} if oracle else {"backend": BACKEND}
+            return f(x, t, log_input=log_input, full=True, reduction="sum", **kw)
+        return fn, [x, t]
+    cnt = _counts(shape).to(DEVICE, dtype)
+    mu, th, pi = r(*shape, lo=0.1, scale=5.0), r(5, lo=0.3, scale=3.0), r(*shape, normal=True)
+
+    def fn(mu, th, pi, oracle=False):
+        c = cnt.to(mu.dtype)
+        if oracle:
+            return (-(log_nb_positive(c, mu, th) if op == "nb" else log_zinb_positive(c, mu, th, pi))).sum()
+        if op == "nb":
+            return fastvae.negative_binomial_nll(c, mu, th, backend=BACKEND)
+        return fastvae.zinb_nll(c, mu, th, pi, backend=BACKEND)
+    return fn, [mu, th, pi]
+
+
+SECOND_ORDER_OPS = ["bce", "bce-weighted", "poisson-log", "poisson-rate", "nb", "zinb"]
+
+
+def _grad_of_grad(fn, leaves, oracle=False):
+    """(gradient, gradient of <gradient, v>) for a fixed direction v: the Hessian-vector product."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    grads = torch.autograd.grad(fn(*leaves, oracle=oracle), leaves, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]  # NB takes no pi
+    v = [torch.linspace(-1, 1, t.numel(), dtype=t.dtype, device=t.device).reshape(t.shape) for t in leaves]
+    hvp = torch.autograd.grad(sum((gr * vi).sum() for gr, vi in zip(grads, v)), leaves, allow_unused=True)
+    return [gr.detach() for gr in grads], [torch.zeros_like(t) if h is None else h for t, h in zip(leaves, hvp)]
+
+
+@pytest.mark.parametrize("op", SECOND_ORDER_OPS)
+def test_create_graph_gives_the_second_order_terms(op, backend, launches):
+    """create_graph=True on fp32 inputs (the kernels on the Triton pass: launches counted) gives the float64
+    oracle's Hessian-vector product; the kernels' one-pass backward alone would give a constant gradient."""
+    fn, leaves = _second_order_case(op, torch.float32)
+    g, hvp = _grad_of_grad(fn, leaves)
+    assert sum(launches.values()) == (1 if BACKEND == "triton" else 0), launches
+    g64, hvp64 = _grad_of_grad(fn, [t.double() for t in leaves], oracle=True)
+    assert any(h.abs().max() > 0.1 for h in hvp64)  # the second-order terms are there to lose
+    # fp32 formulas against float64: lgamma/digamma/trigamma differences of O(10) terms, 1e-5 of their scale
+    for a, b in zip(g + hvp, g64 + hvp64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("op", SECOND_ORDER_OPS)
+def test_gradgradcheck_float64(op, backend):
+    """Double backward of the float64 (always eager) path against finite differences."""
+    fn, leaves = _second_order_case(op, torch.float64)
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    assert torch.autograd.gradgradcheck(lambda *a: fn(*a), leaves)
+
+
+@pytest.mark.parametrize("op", SECOND_ORDER_OPS)
+def test_torch_func_grad_and_vmap(op, backend):
+    """torch.func.grad and vmap (over a batch of independent problems) take the eager path and give its
+    numbers, on either backend setting."""
+    fn, leaves = _second_order_case(op, torch.float32)
+    grads = torch.func.grad(lambda *a: fn(*a), argnums=tuple(range(len(leaves))))(*leaves)
+    expect, _ = _grad_of_grad(fn, leaves)
+    for a, b in zip(grads, expect):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    batch = [torch.stack([t, t.flip(0)]) for t in leaves]
+    out = torch.func.vmap(lambda *a: fn(*a))(*batch)
+    expect = torch.stack([fn(*[b[i] for b in batch]) for i in range(2)])
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
