@@ -34,9 +34,10 @@ Input forms (constexprs, one kernel): FORM_LOGVAR reads logvar; FORM_CLAMPED rea
 in the kernel (ldm's posterior: gradient zero outside, as torch.clamp's); FORM_SCALE reads the standard deviation
 (torch.distributions.Normal's scale, and the prior's scale) as it is, with lv = 2 log(scale) and var = scale^2
 where the formulas need them, and the gradients to scale (dz/dscale = eps, dKL/dscale = 2/scale dKL/dlv).
-SPLIT > 0: mu and logvar are the two halves along dim 1 of one ``parameters`` tensor (B, 2C, ...), read in
-place: logical element e of the half tensor (B, C, ...) lies at e + (e // SPLIT) * SPLIT, its logvar SPLIT
-further (SPLIT = C * the trailing sizes); the gradients are written to the same places of one tensor.
+SPLIT > 0: mu and logvar are the two halves of one contiguous tensor split along one dim (ldm's ``parameters``
+(B, 2C, ...) along dim 1, or ``h.chunk(2, dim)``), read in place: logical element e of the half lies at
+e + (e // SPLIT) * SPLIT, its logvar SPLIT further (SPLIT = the half's size from the split dim inward). With
+SPLIT_GRAD (ldm) the gradients are written to the same places of one tensor; otherwise to two contiguous ones.
 
 Noise: one Philox call (10 rounds, 32-bit words) yields four uniform words, turned into four normals by
 two Box-Muller pairs (``_normal_pair``: a radius from one word, a uniform angle from the other, its sine and
@@ -45,8 +46,13 @@ reduction). Element e of sample k is normal e % 4 of counter k * ceil(N/4) + e /
 
 Tile: each program works on a [BLOCK/ROW, ROW] tile, ROW = 16 bytes of the narrowest tensor it touches
 (4 fp32, 8 bf16/fp16), so each thread's row is one 128-bit load or store; a row spans ROW/4 Philox
-counters. Offsets are int32 unless WIDE (K*N + BLOCK >= 2^31): 64-bit address arithmetic costs as many
-integer instructions as the math on the hot path.
+counters. Offsets are int32 unless WIDE (max(K, 2 if SPLIT) * N + BLOCK >= 2^31, chosen on the host): 64-bit
+address arithmetic costs as many integer instructions as the math on the hot path. The per-sample counter
+stride ceil(N/4) comes from the host (``n_ctr``): N + 3 could wrap in int32.
+
+z = mu + std * eps is written as the formula is, but the compiler may fuse it into one multiply-add (one
+rounding, not two) and exp is the GPU's: z matches the eager formula with the same eps to a few ulps, not
+bit for bit.
 """
 
 import triton
@@ -239,7 +245,7 @@ def _load_posterior(mu_ptr, logvar_ptr, offs, mask, SPLIT, FORM: tl.constexpr, H
 def sample_kl_fwd_kernel(
     mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     z_ptr, kl_ptr, lr_ptr,
-    n, num_samples, row_len, lr_stride, split,
+    n, n_ctr, num_samples, row_len, lr_stride, split,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
@@ -258,7 +264,7 @@ def sample_kl_fwd_kernel(
                 store_partials(0.5 * (eps * eps - z * z + lv), mask, lr_base, pid, row_len, True, BLOCK, LONG_ROWS)
                 lr_base += lr_stride
             z_offs += n
-            counters += (n + 3) // 4
+            counters += n_ctr
     if KL_MODE != KL_OFF:
         d, inv_var_p, lvp, _ = _kl_terms(mu, lv, mup_ptr, lvp_ptr, offs, mask, HAS_MU_P, HAS_LV_P, FORM)
         kl = 0.5 * (lvp - lv + (var + d * d) * inv_var_p - 1.0)
@@ -269,11 +275,11 @@ def sample_kl_fwd_kernel(
 def sample_kl_bwd_kernel(
     gz_ptr, gkl_ptr, glr_ptr, mu_ptr, logvar_ptr, mup_ptr, lvp_ptr, seed_ptr,
     gmu_ptr, glv_ptr, gmup_ptr, glvp_ptr,
-    n, num_samples, kl_scale, row_len, n_rows, split,
+    n, n_ctr, num_samples, kl_scale, row_len, n_rows, split,
     HAS_GZ: tl.constexpr, KL_MODE: tl.constexpr, HAS_MU_P: tl.constexpr, HAS_LV_P: tl.constexpr,
     LOG_RATIO: tl.constexpr, PER_ROW: tl.constexpr, LONG_ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ROW: tl.constexpr, WIDE: tl.constexpr, FORM: tl.constexpr, HAS_SPLIT: tl.constexpr,
-    CLAMP_CLOSED: tl.constexpr = True,
+    CLAMP_CLOSED: tl.constexpr = True, SPLIT_GRAD: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     offs, counters, mask = _tile(pid, n, BLOCK, ROW, WIDE)
@@ -303,7 +309,7 @@ def sample_kl_bwd_kernel(
             gmu += g_z
             g_eps += g_z * eps
             gz_offs += n
-            counters += (n + 3) // 4
+            counters += n_ctr
     if KL_MODE != KL_OFF:
         if KL_MODE == KL_ELEMENTWISE:
             g = tl.load(gkl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -334,7 +340,7 @@ def sample_kl_bwd_kernel(
                 glv = tl.where((raw >= LV_MIN) & (raw <= LV_MAX), glv, 0.0)
             else:  # torch >= 2.14: the open interval
                 glv = tl.where((raw > LV_MIN) & (raw < LV_MAX), glv, 0.0)
-    if HAS_SPLIT:
+    if HAS_SPLIT and SPLIT_GRAD:
         tl.store(gmu_ptr + mem, gmu.to(gmu_ptr.dtype.element_ty), mask=mask)
         tl.store(gmu_ptr + split + mem, glv.to(gmu_ptr.dtype.element_ty), mask=mask)
     else:

@@ -5,12 +5,14 @@ regenerated in backward: the seed (8 bytes) is all the noise costs in memory.
 """
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
 from torch import Tensor
 
+from .. import reference
+from .._checks import broadcast_shapes
 from ..kernels import sampling as sampling_k
 from ..reference.common import clamp_grad_at_bounds
 from . import common
@@ -28,6 +30,39 @@ def _shape(mu: Tensor, split: int) -> "tuple[int, ...]":
     if not split:
         return tuple(mu.shape)
     return (mu.shape[0], mu.shape[1] // 2, *mu.shape[2:])
+
+
+def _halves(mu: Tensor, logvar: Optional[Tensor]) -> int:
+    """S > 0 when mu and logvar are the two halves of one contiguous tensor split along one dim (``mu, logvar
+    = h.chunk(2, dim)``): logvar lies S elements after mu and mu's strides are a contiguous tensor's, doubled
+    outside the split dim; the kernels then read both in place (split mode). 0 otherwise (including halves
+    that are each contiguous already, which are read in place as they are)."""
+    if (logvar is None or mu.is_contiguous() or mu.dtype != logvar.dtype or mu.shape != logvar.shape
+            or mu.stride() != logvar.stride() or mu.device != logvar.device
+            or mu.untyped_storage().data_ptr() != logvar.untyped_storage().data_ptr()):
+        return 0
+    s = logvar.storage_offset() - mu.storage_offset()
+    if s <= 0:
+        return 0
+    inner, doubled = 1, False  # inner: the size of the half inside the current dim
+    for size, stride in zip(reversed(mu.shape), reversed(mu.stride())):
+        doubled = doubled or inner == s
+        if size != 1 and stride != (2 * inner if doubled else inner):
+            return 0
+        inner *= size
+    return s if doubled else 0
+
+
+def _posterior(mu: Tensor, logvar: Optional[Tensor], split: int) -> "tuple[Tensor, Optional[Tensor], int, bool]":
+    """(mu, logvar, SPLIT, SPLIT_GRAD) as the kernels read them: ldm's ``parameters`` (split given), two halves
+    of one tensor in place (``_halves``), or contiguous tensors (a copy only for another layout: an expanded
+    broadcast input, a transpose)."""
+    if split:
+        return mu, logvar, split, True
+    halves = _halves(mu, logvar)
+    if halves:
+        return mu, logvar, halves, False
+    return mu.contiguous(), (logvar.contiguous() if logvar is not None else None), 0, False
 
 
 def _z_shape(shape: "tuple[int, ...]", num_samples: int) -> "tuple[int, ...]":
@@ -60,7 +95,7 @@ def _z_dtype(mu: Tensor, logvar: Optional[Tensor]) -> torch.dtype:
     return mu.dtype if logvar is None else torch.promote_types(mu.dtype, logvar.dtype)
 
 
-@torch.library.custom_op("fastvae::sample_kl", mutates_args=())
+@common.custom_op("fastvae::sample_kl")
 def _sample_kl_op(
     mu: Tensor,
     logvar: Optional[Tensor],
@@ -79,8 +114,12 @@ def _sample_kl_op(
     log p(z) - log q(z|x), shape (K, B), in fp32 at least (the KL must be off). z comes out in mu's and
     logvar's promoted dtype, the KL in ``out_dtype`` (fp32 under autocast, as torch's losses).
     form: what logvar and logvar_p hold (FORM_*). split > 0: logvar is None and mu is a contiguous (B, 2C, ...)
-    ``parameters`` whose halves along dim 1 are mu and logvar, split = C * the trailing sizes."""
+    ``parameters`` whose halves along dim 1 are mu and logvar, split = C * the trailing sizes. mu and logvar
+    of one shape (the prior's broadcast to it: expanded views are copied here), in any layout."""
     shape = _shape(mu, split)
+    mu, logvar, split, _ = _posterior(mu, logvar, split)
+    mu_p = mu_p.contiguous() if mu_p is not None else None
+    logvar_p = logvar_p.contiguous() if logvar_p is not None else None
     n = math.prod(shape)
     red = _plan(shape, reduction)
     kl_mode = _kl_mode(reduction, red)
@@ -97,7 +136,7 @@ def _sample_kl_op(
     lr_buf = common.alloc(mu, (k * lr_stride,) if log_ratio else (0,), torch.float32)
     if n:
         sampling_k.sample_kl_fwd_kernel[(grid,)](
-            mu, logvar, mu_p, logvar_p, seed, z, kl_buf, lr_buf, n, k, rows.row_len, lr_stride, split,
+            mu, logvar, mu_p, logvar_p, seed, z, kl_buf, lr_buf, n, (n + 3) // 4, k, rows.row_len, lr_stride, split,
             SAMPLE=num_samples != 0, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=log_ratio, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
             BLOCK=block, ROW=row, WIDE=wide, FORM=form, HAS_SPLIT=split > 0, num_warps=warps,
@@ -133,7 +172,7 @@ def _(mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, log_ratio, out_d
             mu.new_empty(kl_shape, dtype=out_dtype), mu.new_empty(lr_shape, dtype=_lr_dtype(out_dtype)))
 
 
-@torch.library.custom_op("fastvae::sample_kl_backward", mutates_args=())
+@common.custom_op("fastvae::sample_kl_backward")
 def _sample_kl_backward_op(
     grad_z: Optional[Tensor],
     grad_kl: Optional[Tensor],
@@ -152,7 +191,11 @@ def _sample_kl_backward_op(
     ``parameters`` (both halves) and grad_logvar is empty."""
     shape = _shape(mu, split)
     n = math.prod(shape)
+    # the gradients contiguous, each of its input's shape (ldm's: the whole parameters; halves: two tensors)
     grad_mu, grad_logvar, grad_mu_p, grad_logvar_p = _sample_kl_grads(mu, logvar, mu_p, logvar_p, common.alloc)
+    mu, logvar, split, split_grad = _posterior(mu, logvar, split)
+    mu_p = mu_p.contiguous() if mu_p is not None else None
+    logvar_p = logvar_p.contiguous() if logvar_p is not None else None
     has_gz = grad_z is not None and num_samples != 0
     red = _plan(shape, reduction)
     kl_mode = _kl_mode(reduction, red) if grad_kl is not None else KL_OFF
@@ -167,17 +210,17 @@ def _sample_kl_backward_op(
             gz, gkl, grad_lr.contiguous() if grad_lr is not None else None,
             mu, logvar, mu_p, logvar_p, seed,
             grad_mu, grad_logvar, grad_mu_p, grad_logvar_p,
-            n, max(num_samples, 1), red.scale, rows.row_len, rows.rows, split,
+            n, (n + 3) // 4, max(num_samples, 1), red.scale, rows.row_len, rows.rows, split,
             HAS_GZ=has_gz, KL_MODE=kl_mode, HAS_MU_P=mu_p is not None, HAS_LV_P=logvar_p is not None,
             LOG_RATIO=grad_lr is not None, PER_ROW=red.reduction == "per_sample", LONG_ROWS=rows.row_len >= block,
             BLOCK=block, ROW=row, WIDE=wide, FORM=form, HAS_SPLIT=split > 0,
-            CLAMP_CLOSED=CLAMP_CLOSED or form != FORM_CLAMPED, num_warps=warps,
+            CLAMP_CLOSED=CLAMP_CLOSED or form != FORM_CLAMPED, SPLIT_GRAD=split_grad, num_warps=warps,
         )
     return grad_mu, grad_logvar, grad_mu_p, grad_logvar_p
 
 
 def _sample_kl_grads(mu, logvar, mu_p, logvar_p, alloc) -> "tuple[Tensor, ...]":
-    """Each gradient in its input's dtype."""
+    """Each gradient in its input's dtype and shape, contiguous."""
     return (
         alloc(mu, mu.shape),
         alloc(logvar if logvar is not None else mu, logvar.shape if logvar is not None else (0,)),
@@ -195,14 +238,78 @@ def _sample_kl_setup(ctx, inputs, output):
     mu, logvar, mu_p, logvar_p, seed, num_samples, reduction, log_ratio, out_dtype, form, split = inputs
     ctx.save_for_backward(mu, logvar, mu_p, logvar_p, seed)
     ctx.num_samples, ctx.reduction, ctx.log_ratio, ctx.form, ctx.split = num_samples, reduction, log_ratio, form, split
+    ctx.out_dtype = out_dtype
+
+
+def _noise_of(seed: Tensor, shape: "tuple[int, ...]", num_samples: int, device: torch.device) -> Tensor:
+    """The kernel's eps, bit for bit: the op's own z for mu = 0, logvar = 0 under the same seed (0 + 1 * eps is
+    exact, fused or not). Element e of sample k depends on e and k only, so it is the eps of every form and
+    layout the forward read (split, halves, contiguous)."""
+    zeros = torch.zeros(shape, dtype=torch.float32, device=device)
+    return _sample_kl_op(zeros, zeros, None, None, seed, num_samples, "", False, torch.float32, FORM_LOGVAR, 0)[0]
+
+
+def _differentiable_formula(ctx, eps: Optional[Tensor]) -> Callable:
+    """(z, kl, log_ratio) as plain torch ops of (mu, logvar, mu_p, logvar_p) with the kernel's eps: what a
+    create_graph backward differentiates (torch's second-order terms, any order). Mirrors the kernel's forms
+    (kernels/sampling.py): FORM_CLAMPED through torch.clamp, FORM_SCALE from the standard deviations."""
+    num_samples, reduction, log_ratio, form, split = (ctx.num_samples, ctx.reduction, ctx.log_ratio, ctx.form,
+                                                      ctx.split)
+    out_dtype = ctx.out_dtype
+
+    def formula(mu, logvar, mu_p, logvar_p):
+        z_dtype = _z_dtype(mu, logvar)
+        if split:  # ldm's parameters: the halves along dim 1
+            mu, logvar = mu.chunk(2, dim=1)
+        mu, raw = mu.float(), logvar.float()
+        if form == FORM_SCALE:
+            std, lv, var = raw, 2.0 * torch.log(raw), raw * raw
+        else:
+            lv = torch.clamp(raw, -30.0, 20.0) if form == FORM_CLAMPED else raw
+            std, var = torch.exp(0.5 * lv), torch.exp(lv)
+        z = kl = lr = None
+        if eps is not None:
+            zf = mu + std * eps
+            z = zf.to(z_dtype) if num_samples != 0 else None
+            if log_ratio:
+                lr = (0.5 * (eps * eps - zf * zf + lv)).reshape(eps.shape[0], eps.shape[1], -1).sum(-1)
+                lr = lr.to(_lr_dtype(out_dtype))
+        if reduction != "":
+            d = mu if mu_p is None else mu - mu_p.float()
+            if logvar_p is None:
+                lvp, inv_var_p = 0.0, 1.0
+            elif form == FORM_SCALE:
+                sp = logvar_p.float()
+                lvp, inv_var_p = 2.0 * torch.log(sp), 1.0 / (sp * sp)
+            else:
+                lvp = logvar_p.float()
+                inv_var_p = torch.exp(-lvp)
+            elementwise = 0.5 * (lvp - lv + (var + d * d) * inv_var_p - 1.0)
+            kl = reference.reduce(elementwise, reduction).to(out_dtype)
+        return z, kl, lr
+
+    return formula
 
 
 def _sample_kl_backward(ctx, grad_z, grad_kl, grad_lr):
     mu, logvar, mu_p, logvar_p, seed = ctx.saved_tensors
+    grad_z = grad_z if ctx.num_samples != 0 else None
+    grad_kl = grad_kl if ctx.reduction != "" else None
+    grad_lr = grad_lr if ctx.log_ratio else None
+    if torch.is_grad_enabled():
+        # create_graph=True: the formulas on the saved inputs and the regenerated eps, differentiated with the
+        # graph kept (the kernel's one-pass backward writes plain values, which would drop second-order terms)
+        eps = None
+        if grad_z is not None or grad_lr is not None:
+            eps = _noise_of(seed, _shape(mu, ctx.split), ctx.num_samples, mu.device)
+            if ctx.log_ratio and ctx.num_samples == -1:
+                eps = eps.unsqueeze(0)
+        return common.differentiable_backward(
+            _differentiable_formula(ctx, eps), (mu, logvar, mu_p, logvar_p), ctx.needs_input_grad[:4],
+            (grad_z, grad_kl, grad_lr),
+        ) + (None,) * 7
     gmu, glv, gmup, glvp = _sample_kl_backward_op(
-        grad_z if ctx.num_samples != 0 else None,
-        grad_kl if ctx.reduction != "" else None,
-        grad_lr if ctx.log_ratio else None,
+        grad_z, grad_kl, grad_lr,
         mu, logvar, mu_p, logvar_p, seed, ctx.num_samples, ctx.reduction, ctx.form, ctx.split,
     )
     return (
@@ -239,13 +346,16 @@ def sample_kl(
         split = mu[0, : mu.shape[1] // 2].numel() if mu.shape[0] else 0
         shape = _shape(mu, 1)
     else:
-        mu, logvar = mu.contiguous(), logvar.contiguous()
-        shape = tuple(mu.shape)
-    # a broadcast prior is expanded once; autograd's expand backward reduces its gradient
-    if mu_p is not None:
-        mu_p = mu_p.expand(shape).contiguous()
-    if logvar_p is not None:
-        logvar_p = logvar_p.expand(shape).contiguous()
+        # mu and logvar broadcast together (a shared (1, D) logvar, say): expanded views, which the op copies
+        # (autograd's expand backward sums the gradient back); halves of one tensor are read in place there
+        shape = tuple(broadcast_shapes(mu.shape, logvar.shape, *(t.shape for t in (mu_p, logvar_p) if t is not None)))
+        mu = mu if mu.shape == shape else mu.expand(shape)
+        logvar = logvar if logvar.shape == shape else logvar.expand(shape)
+    # a broadcast prior is expanded (a view); the op copies it, autograd's expand backward reduces its gradient
+    if mu_p is not None and mu_p.shape != shape:
+        mu_p = mu_p.expand(shape)
+    if logvar_p is not None and logvar_p.shape != shape:
+        logvar_p = logvar_p.expand(shape)
     if logvar is None and split == 0:  # an empty batch: nothing to split, the halves as plain tensors
         mu, logvar = mu.chunk(2, dim=1)
     k = (-1 if num_samples is None else num_samples) if sample else 0
@@ -263,6 +373,5 @@ def sample_log_weights(mu: Tensor, logvar: Tensor, *, num_samples: int, generato
                        out_dtype: torch.dtype) -> "tuple[Tensor, Tensor]":
     """Validated arguments in, (z of shape (K, *mu.shape), log_ratio of shape (K, B)) out."""
     seed = common.new_seed(mu.device, generator)
-    z, _, lr = _sample_kl_op(mu.contiguous(), logvar.contiguous(), None, None, seed, num_samples, "", True,
-                             out_dtype, FORM_LOGVAR, 0)
+    z, _, lr = _sample_kl_op(mu, logvar, None, None, seed, num_samples, "", True, out_dtype, FORM_LOGVAR, 0)
     return z, lr
