@@ -373,7 +373,11 @@ def discretized_fwd_kernel(
         cen = x - mean
         plus = inv * (cen + bin_param)
         minus = inv * (cen - bin_param)
-        # past |v| = 1e4 the CDF is 0 or 1 in fp32 and its derivative 0; the cube would overflow at 7e12
+        # past |v| = 1e4 the CDF is exactly 0 or 1 in fp32 (and float64: t(v) > 7e10) and its derivative 0;
+        # the cube would overflow past 7e12. A bin edge out there is the lowest or highest bin's open end:
+        # minus below takes the lowest bin's form log CDF(plus), plus above the highest's (a NaN takes none)
+        lo_m = minus < -CUBE_MAX
+        hi_p = plus > CUBE_MAX
         plus = tl.where(plus > CUBE_MAX, CUBE_MAX, tl.where(plus < -CUBE_MAX, -CUBE_MAX, plus))
         minus = tl.where(minus > CUBE_MAX, CUBE_MAX, tl.where(minus < -CUBE_MAX, -CUBE_MAX, minus))
         tp = TWO_SQRT_2_OVER_PI * (plus + GELU_C * plus * plus * plus)
@@ -391,6 +395,8 @@ def discretized_fwd_kernel(
         gw_s = -wdw * ((1.0 + 3.0 * GELU_C * q2) / q1)
         left = x < -EDGE
         right = x > EDGE
+        left = left | (~right & lo_m)
+        right = right | (~left & hi_p)
         lp = tl.where(left, ls_a, tl.where(right, ls_nb, lp_mid))
         gc = tl.where(left, inv * sig_na * dtp, tl.where(right, -inv * sig_b * dtm,
                                                          inv * (da * dtp + db * dtm) + gw_c))

@@ -907,10 +907,12 @@ def test_strided_mixture_is_read_in_place(case, reduction, backend, request):
     torch.manual_seed(4)
     sample = fastvae.sample_discretized_mix_logistic(p, num_mixtures=2, layout=layout, backend=backend)
     if BACKEND == "triton":
+        from fastvae._triton import common
+
         assert not copies, copies
         assert sorted(n for n in allocs if n >= x.numel()) == [x.numel(), p.numel()], allocs  # sample, grad
         order = lambda t: sorted(range(t.dim()), key=lambda d: -t.stride(d))  # noqa: E731
-        assert order(grad) == order(src) and grad.is_non_overlapping_and_dense()
+        assert order(grad) == order(src) and common.dense(grad)
         assert order(sample) == order(src)
     # the kernels do the same arithmetic per pixel whatever the strides; autograd's eager sums may reorder
     tol = dict(rtol=0, atol=0) if BACKEND == "triton" else dict(rtol=1e-5, atol=1e-4)
@@ -940,7 +942,9 @@ def test_one_component_channels_last_is_read_in_place(kind, reduction, backend, 
         assert all(g.stride() == mean.stride() for g in grads)
         if reduction == "none":
             assert out.stride() == x.stride()
-    tol = dict(rtol=0, atol=0) if BACKEND == "triton" else dict(rtol=1e-5, atol=1e-5)
+    # per element the same arithmetic; a per-sample sum runs in memory order, a contiguous copy's in its own
+    exact = BACKEND == "triton" and reduction == "none"
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(out, expect, **tol)
     for a, e in zip(grads, expect_grads):
         torch.testing.assert_close(a, e, **tol)
