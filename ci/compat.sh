@@ -10,6 +10,11 @@
 #            installed with pip; the op tests on both backends
 #   pythons  every other classifier Python but python3's own (the main pass runs on it): the newest torch for
 #            it, install, import and one call on each backend
+#   numpy    the triton floor with the newest numpy, on python3's own Python (numpy >= 2.4 needs 3.11; the
+#            floor's 3.9 stops at numpy 2.0, so the floor check cannot see this pair) and the main pass's torch
+#            (this machine's CPU wheel when its find-links folder has one); ci/interpreter_smoke.py: each
+#            kernel family once under the interpreter against float64 eager. The interpreter of triton 3.3 to
+#            3.6 takes a range() bound through int() of a 1-element array, which numpy 2.4 rejects
 #
 # Each check is a fresh venv: torch (and, for the op tests, the test extra) from uv, fastvae from the artifact
 # (pip, no deps, then `pip check`: the declared requirements must hold for exactly these versions), imported
@@ -18,11 +23,11 @@
 # FASTVAE_TEST_SUBSET=1 selects (tests/conftest.py: every test, each parameter value at least once, no large
 # sizes, no slow tests).
 #
-# Usage: bash ci/compat.sh [package|floor|newest|pythons]...   (no argument: all four, in that order)
+# Usage: bash ci/compat.sh [package|floor|newest|numpy|pythons]...   (no argument: all five, in that order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(package floor newest pythons)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(package floor newest numpy pythons)
 
 # the op tests: all but the training script, the example models, the GPU-only file and the SASS tooling, which
 # the main pass covers, and the inductor test of the eager path (40 s on the floor; the Triton pass compiles a
@@ -33,6 +38,7 @@ for f in tests/test_*.py; do
         tests/test_train.py | tests/test_models.py | tests/test_cuda.py | tests/test_sass_report.py) ;;
         tests/test_ci_gpu.py) ;;  # ci/gpu.py's own parts, on the main pass's Python
         tests/test_compile.py) ;;
+        tests/test_packaging.py) ;;  # the tree's metadata and docs: the main pass's
         *) OP_TESTS+=("$f") ;;
     esac
 done
@@ -73,8 +79,10 @@ eval "$(python3 - <<'PY'
 import re, shlex, sys, tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
 key = lambda v: tuple(map(int, v.split(".")))
-lower = lambda name: next(re.match(rf"{name}\s*>=\s*([\d.]+)", d).group(1) for d in p["dependencies"]
-                          if re.match(rf"{name}\s*>=", d))
+# triton is not a requirement (a CUDA torch brings its own): its floor is the triton extra's
+triton_extra = p["optional-dependencies"]["triton"]
+lower = lambda name, reqs: next(re.match(rf"{name}\s*>=\s*([\d.]+)", d).group(1) for d in reqs
+                                if re.match(rf"{name}\s*>=", d))
 pythons = sorted((c.rsplit(":: ", 1)[1] for c in p["classifiers"]
                   if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)), key=key)
 floor = re.fullmatch(r">=\s*(3\.\d+)", p["requires-python"]).group(1)
@@ -83,11 +91,13 @@ out = {
     "PY_FLOOR": floor,
     "PY_NEWEST": pythons[-1],
     "PY_OTHERS": " ".join(v for v in pythons if v not in (floor, pythons[-1], main)),
-    "TORCH_FLOOR": lower("torch"),
-    "TRITON_FLOOR": lower("triton"),
+    "PY_MAIN": main,
+    "TORCH_FLOOR": lower("torch", p["dependencies"]),
+    "TRITON_FLOOR": lower("triton", triton_extra),
     "TEST_DEPS": " ".join(p["optional-dependencies"]["test"]),
-    # what fastvae needs besides torch and triton, which each check names itself
-    "OTHER_DEPS": " ".join(d for d in p["dependencies"] if not re.match(r"(torch|triton)\b", d)),
+    # what fastvae and its triton extra need besides torch and triton, which each check names itself (every
+    # check installs triton and runs the interpreter, which computes with numpy)
+    "OTHER_DEPS": " ".join(d for d in p["dependencies"] + triton_extra if not re.match(r"(torch|triton)\b", d)),
 }
 if pythons[0] != floor:
     sys.exit(f"requires-python >= {floor} but the oldest classifier is {pythons[0]}")
@@ -109,6 +119,21 @@ find_python() {
     done
     echo "no working Python $v under ${PYENV_ROOT:-$HOME/.pyenv}/versions or on PATH" >&2
     return 1
+}
+
+# local_torch X.Y: install arguments for the CPU torch wheel this machine's find-links folder holds for that
+# Python (the one the main pass installs, ci/test.sh), else the registry's torch
+local_torch() {
+    local links wheel
+    links="${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}"
+    wheel=$(compgen -G "$links/torch-*+cpu-cp${1/./}-*.whl" | sort -V | tail -n 1 || true)
+    if [ -n "$links" ] && [ -n "$wheel" ]; then
+        wheel=$(basename "$wheel")
+        wheel=${wheel#torch-}
+        echo "--find-links|$links|torch==${wheel%%-*}"
+    else
+        echo torch
+    fi
 }
 
 # ---- tools, and the artifacts every check installs ---------------------------------------------------------
@@ -197,11 +222,15 @@ print(f"  python {platform.python_version()}, torch {torch.__version__}, triton 
 PY
 }
 
-# run_tests NAME TESTS: TESTS=ops runs both op passes on the subset, TESTS=call one call on each backend
+# run_tests NAME TESTS: TESTS=ops runs both op passes on the subset, TESTS=smoke ci/interpreter_smoke.py,
+# TESTS=call one call on each backend
 run_tests() {
     local name=$1 tests=$2
     local venv="$WORK/$name/venv"
-    if [ "$tests" = ops ]; then
+    if [ "$tests" = smoke ]; then
+        stamp "$name: each kernel family under the interpreter (ci/interpreter_smoke.py)"
+        (cd "$WORK" && TRITON_INTERPRET=1 "$venv/bin/python" "$WORK/src/ci/interpreter_smoke.py")
+    elif [ "$tests" = ops ]; then
         # the venv's pytest script, not `python -m pytest`: the tree's fastvae/ must not shadow the installed one
         stamp "$name: op tests, eager reference"
         FASTVAE_TEST_SUBSET=1 "$venv/bin/pytest" -q -p no:cacheprovider -n "${FASTVAE_TEST_WORKERS:-2}" "${OP_TESTS[@]}"
@@ -245,6 +274,12 @@ for step in "${STEPS[@]}"; do
         floor) CHECKS+=("floor|$(find_python "$PY_FLOOR")|$WHEEL|ops|torch==$TORCH_FLOOR|triton==$TRITON_FLOOR") ;;
         # no pins: what the registry serves newest for that Python is what a new user gets
         newest) CHECKS+=("newest|$(find_python "$PY_NEWEST")|$SDIST|ops|torch|triton") ;;
+        # numpy 2.4 is the first to reject int() of a 1-element array; the main pass's torch, as the local CPU
+        # wheel when there is one (a registry torch is a CUDA build: gigabytes for a CPU-only check)
+        numpy)
+            torch_spec=$(local_torch "$PY_MAIN")
+            CHECKS+=("numpy|$(find_python "$PY_MAIN")|$WHEEL|smoke|$torch_spec|triton==$TRITON_FLOOR|numpy>=2.4")
+            ;;
         pythons)
             for v in $PY_OTHERS; do
                 CHECKS+=("python$v|$(find_python "$v")|$WHEEL|call|torch|triton")

@@ -76,7 +76,7 @@ def _compare(op: Callable[..., object], inputs: list[torch.Tensor], sampled: boo
         xs = [t.detach().to(dtype).requires_grad_() for t in inputs]
         torch.manual_seed(2)
         outs = op(*xs, backend)
-        outs = outs if isinstance(outs, tuple) else (outs,)
+        outs = tuple(o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None)
         kept = outs[1:] if sampled else outs
         total = sum(o.float().sum() for o in kept if o.requires_grad)
         grads = torch.autograd.grad(total, xs, allow_unused=True) if torch.is_tensor(total) else ()
@@ -123,6 +123,9 @@ CASES: dict[str, Callable[[], None]] = {
             torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(5)).to(mean.dtype), mean, log_scale,
             reduction="per_sample", backend=b),
         _inputs((2, 3, 4, 4), (2, 3, 4, 4))),
+    "latent: tc_decomposition": lambda: _compare(
+        lambda z, mu, lv, b: fastvae.tc_decomposition(z, mu, lv, dataset_size=60, backend=b),
+        _inputs((6, 3), (6, 3), (6, 3))),
     "latent: mmd": lambda: _compare(lambda x, y, b: fastvae.mmd(x, y, backend=b), _inputs((6, 3), (5, 3))),
 }
 
