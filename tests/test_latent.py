@@ -442,22 +442,327 @@ def test_trainer_latent_objectives(tmp_path, objective, backend):
     assert all(math.isfinite(line[k]) for k in names + ["train_loss", "test_elbo"]), line
 
 
+def _terms(module, *args, **kwargs):
+    """The module's output with its terms (the losses return the 0-d loss unless asked for the terms)."""
+    import inspect
+
+    if "return_terms" in inspect.signature(module.forward).parameters:
+        kwargs["return_terms"] = True
+    return module(*args, **kwargs)
+
+
 def test_losses_modules(backend):
     """BetaTCVAELoss at weights (1, 1, 1) is the negative ELBO with the decomposed KL; MMDVAELoss adds
     mmd_weight * MMD to ELBOLoss's loss."""
     z, mu, lv = _posterior((24, 3), torch.float32)
     x, x_hat = torch.rand(24, 10, device=DEVICE), torch.rand(24, 10, device=DEVICE)
-    tc = fastvae.nn.BetaTCVAELoss(dataset_size=100, tc_beta=1.0, backend=backend)(x_hat, x, z, mu, lv)
+    tc = _terms(fastvae.nn.BetaTCVAELoss(dataset_size=100, tc_beta=1.0, backend=backend), x_hat, x, z, mu, lv)
     terms = fastvae.tc_decomposition(z, mu, lv, dataset_size=100, backend=backend)
     torch.testing.assert_close(tc.loss, tc.recon + sum(terms[:3]))
-    weighted = fastvae.nn.BetaTCVAELoss(dataset_size=100, tc_beta=6.0, mi_weight=0.5, dw_weight=2.0,
-                                        backend=backend)(x_hat, x, z, mu, lv)
+    weighted = _terms(fastvae.nn.BetaTCVAELoss(dataset_size=100, tc_beta=6.0, mi_weight=0.5, dw_weight=2.0,
+                                               backend=backend), x_hat, x, z, mu, lv)
     torch.testing.assert_close(weighted.loss, tc.recon + 0.5 * terms[0] + 6.0 * terms[1] + 2.0 * terms[2])
     g = torch.Generator(device=DEVICE)
-    m = fastvae.nn.MMDVAELoss(mmd_weight=3.0, beta=0.5, backend=backend)(x_hat, x, z, mu, lv,
-                                                                         generator=g.manual_seed(1))
-    elbo = fastvae.nn.ELBOLoss(beta=0.5, backend=backend)(x_hat, x, mu, lv)
+    m = _terms(fastvae.nn.MMDVAELoss(mmd_weight=3.0, beta=0.5, backend=backend), x_hat, x, z, mu, lv,
+               generator=g.manual_seed(1))
+    elbo = _terms(fastvae.nn.ELBOLoss(beta=0.5, backend=backend), x_hat, x, mu, lv)
     expect = fastvae.mmd(z, kernel="imq", unbiased=True, generator=g.manual_seed(1), backend=backend)
     torch.testing.assert_close(m.loss, elbo.loss + 3.0 * expect)
     (tc.loss + m.loss).backward()
     assert all(torch.isfinite(t.grad).all() for t in (z, mu, lv))
+
+
+# --- drop-in behaviour: second order, torch.func, torch.compile, no host sync, strides, dtypes, 64-bit ---
+
+def _tc_loss(z, mu, lv, backend):
+    out = fastvae.tc_decomposition(z, mu, lv, dataset_size=40, backend=backend)
+    return out.mutual_info + 2.0 * out.total_correlation + 3.0 * out.dimwise_kl
+
+
+def _mmd_loss(x, y, backend):
+    return fastvae.mmd(x, y, kernel="imq", scale=[0.7, 3.0], unbiased=True, backend=backend)
+
+
+def _tc_inputs(b=6, d=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(b, d, generator=g)
+    lv = 0.5 * torch.randn(b, d, generator=g) - 1.0
+    z = mu + torch.exp(0.5 * lv) * torch.randn(b, d, generator=g)
+    return [t.to(DEVICE, dtype) for t in (z, mu, lv)]
+
+
+def _mmd_inputs(n=6, m=5, d=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(6)
+    return [(torch.randn(k, d, generator=g) * s).to(DEVICE, dtype) for k, s in ((n, 0.8), (m, 1.0))]
+
+
+FAMILIES = {"tc": (_tc_loss, _tc_inputs), "mmd": (_mmd_loss, _mmd_inputs)}
+
+
+def _grad_of_grad(loss, inputs, backend, vs):
+    """(first-order grads, the gradient of sum_i <grad_i, v_i>), both through create_graph=True."""
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(loss(*xs, backend), xs, create_graph=True)
+    second = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), xs)
+    return grads, second
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_second_order(family, backend):
+    """create_graph=True gives the eager formula's second-order numbers on the call's path (the kernels'
+    forward, the differentiable eager backward), against float64; the plain backward (no graph) agrees with
+    the create_graph one; gradgradcheck on the float64 eager path."""
+    loss, make = FAMILIES[family]
+    inputs = make()
+    vs = [torch.randn_like(t) for t in inputs]
+    grads, second = _grad_of_grad(loss, inputs, backend, vs)
+    grads64, second64 = _grad_of_grad(loss, [t.double() for t in inputs], "torch", [v.double() for v in vs])
+    for a, e in zip(grads + second, grads64 + second64):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    plain = torch.autograd.grad(loss(*xs, backend), xs)
+    for a, e in zip(plain, grads):
+        torch.testing.assert_close(a, e.detach(), rtol=1e-4, atol=1e-5)
+    if BACKEND == "torch":
+        small = [t.double()[:4].requires_grad_() for t in inputs]
+        assert torch.autograd.gradgradcheck(lambda *ts: loss(*ts, "torch"), small)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_torch_func(family, backend):
+    """torch.func.grad (on the eager path, whatever the backend) gives autograd's gradient; vmap over a
+    stack of independent problems gives each problem's value."""
+    loss, make = FAMILIES[family]
+    inputs = make()
+    argnums = tuple(range(len(inputs)))
+    grads = torch.func.grad(lambda *ts: loss(*ts, backend), argnums=argnums)(*inputs)
+    xs = [t.clone().requires_grad_() for t in inputs]
+    expect = torch.autograd.grad(loss(*xs, "torch"), xs)
+    for a, e in zip(grads, expect):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    stacks = [torch.stack([t, t.flip(0) * 0.9]) for t in inputs]
+    batched = torch.func.vmap(lambda *ts: loss(*ts, backend))(*stacks)
+    each = torch.stack([loss(*(s[k] for s in stacks), "torch") for k in range(2)])
+    torch.testing.assert_close(batched, each, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compile_fullgraph(family, backend):
+    """torch.compile(fullgraph=True) takes forward and backward whole (no graph break: no host read) and gives
+    the uncompiled numbers."""
+    loss, make = FAMILIES[family]
+    inputs = make()
+    compile_backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda *ts: loss(*ts, backend), fullgraph=True, backend=compile_backend)
+    xs = [t.clone().requires_grad_() for t in inputs]
+    out = compiled(*xs)
+    grads = torch.autograd.grad(out, xs)
+    ys = [t.clone().requires_grad_() for t in inputs]
+    expect = loss(*ys, backend)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+    for a, e in zip(grads, torch.autograd.grad(expect, ys)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph_prior_samples(backend):
+    """y=None (the prior drawn in the call) and log_densities=True compile without a graph break too."""
+    x = _mmd_inputs()[0]
+    compile_backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    out = torch.compile(lambda t: fastvae.mmd(t, backend=backend), fullgraph=True, backend=compile_backend)(x)
+    assert out.shape == () and torch.isfinite(out)
+    z, mu, lv = _tc_inputs()
+
+    def dens(z, mu, lv):
+        return fastvae.tc_decomposition(z, mu, lv, dataset_size=40, reduction="sum", log_densities=True,
+                                        backend=backend)
+
+    got = torch.compile(dens, fullgraph=True, backend=compile_backend)(z, mu, lv)
+    for a, e in zip(got, dens(z, mu, lv)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Every way a tensor's value reaches the host, and a list copied to the device, raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the op path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_host_sync(family, backend, no_host_reads):
+    """Forward and backward read nothing back and copy no host list to the device (at the default
+    validation setting: these formulas have no torch twin that checks values)."""
+    loss, make = FAMILIES[family]
+    xs = [t.requires_grad_() for t in make()]
+    loss(*xs, backend).backward()
+    if family == "mmd":
+        fastvae.mmd(xs[0], scale=1.5, backend=backend).backward()
+
+
+def test_group_size_check_only_under_validation(monkeypatch):
+    """group=: the equal-rows check (an all-reduce and a host read) runs only when value checks are on."""
+    from fastvae._checks import set_default_validate_args
+    from fastvae.functional import latent
+
+    calls = []
+
+    def all_reduce(sizes, *args, **kwargs):  # another rank holds 5 rows
+        calls.append(sizes.clone())
+        sizes[0] = 5
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce, raising=False)
+    z = torch.zeros(3, 2)
+    latent._check_equal_rows(z, object(), 2)  # default: no check, no collective
+    assert not calls
+    set_default_validate_args(True)
+    try:
+        with pytest.raises(ValueError, match="this rank has 3, others between 3 and 5"):
+            latent._check_equal_rows(z, object(), 2)
+    finally:
+        set_default_validate_args(None)
+    assert len(calls) == 1
+
+
+def _copies(monkeypatch):
+    """2-D tensors ``.contiguous()`` copied during the call (the kernels should read inputs in place)."""
+    copied = []
+    original = torch.Tensor.contiguous
+
+    def contiguous(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.dim() == 2 and out.data_ptr() != self.data_ptr():
+            copied.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    return copied
+
+
+def test_strided_inputs_are_read_in_place(backend, monkeypatch):
+    """mu, logvar = h.chunk(2, dim=1) and a transposed z (tc), a chunk and a transposed y (mmd): the same
+    values and gradients as contiguous copies, with no copy of an input on the kernel path and gradients
+    in the input's layout where it is dense."""
+    b, d = 7, 3
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(b, 2 * d, generator=g).to(DEVICE).requires_grad_()
+    zt = torch.randn(d, b, generator=g).to(DEVICE).requires_grad_()
+    copied = _copies(monkeypatch)
+    mu, lv = h.chunk(2, dim=1)
+    out = _tc_loss(zt.t(), mu, lv - 1.0, backend)
+    got = torch.autograd.grad(out, (h, zt))
+    y_t = torch.randn(d, 5, generator=g).to(DEVICE).requires_grad_()
+    out_m = _mmd_loss(h[:, :d], y_t.t(), backend)
+    got_m = torch.autograd.grad(out_m, (h, y_t))
+    assert not copied, copied
+    monkeypatch.undo()
+    h2, zt2, y2 = (t.detach().clone().requires_grad_() for t in (h, zt, y_t))
+    mu2, lv2 = (t.contiguous() for t in h2.chunk(2, dim=1))
+    expect = _tc_loss(zt2.t().contiguous(), mu2, lv2 - 1.0, backend)
+    torch.testing.assert_close(out, expect)
+    for a, e in zip(got, torch.autograd.grad(expect, (h2, zt2))):
+        torch.testing.assert_close(a, e)
+    expect_m = _mmd_loss(h2[:, :d].contiguous(), y2.t().contiguous(), backend)
+    torch.testing.assert_close(out_m, expect_m)
+    for a, e in zip(got_m, torch.autograd.grad(expect_m, (h2, y2))):
+        torch.testing.assert_close(a, e)
+    if BACKEND == "triton":  # the op's own gradient of a transposed (dense) input keeps its layout
+        from fastvae._triton.latent import _grad_buffer
+
+        assert _grad_buffer(zt.detach().t()).stride() == zt.t().stride()
+        assert _grad_buffer(mu.detach()).is_contiguous()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.float16, torch.float16)])
+def test_mixed_dtypes_promote(dtypes, backend):
+    """Inputs of different floating dtypes: the result in torch's promoted dtype, each gradient in its
+    input's dtype, the numbers of the float64 formula."""
+    z, mu, lv = (t.to(dt).requires_grad_() for t, dt in zip(_tc_inputs(), dtypes))
+    out = fastvae.tc_decomposition(z, mu, lv, dataset_size=40, reduction="none", backend=backend)
+    promoted = torch.promote_types(torch.promote_types(dtypes[0], dtypes[1]), dtypes[2])
+    assert all(t.dtype == promoted for t in out[:3])
+    sum(t.float().sum() for t in out[:3]).backward()
+    z64, mu64, lv64 = _oracle_inputs(z, mu, lv)
+    log_qz, log_prod, log_qzx, log_pz = peer_tc(z64, mu64, lv64, 40, "mss")
+    expect = (log_qzx - log_qz, log_qz - log_prod, log_prod - log_pz)
+    sum(e.sum() for e in expect).backward()
+    for a, e in zip(out[:3], expect):
+        _close(a, e, promoted, "term")
+    for t, e in ((z, z64), (mu, mu64), (lv, lv64)):
+        assert t.grad.dtype == t.dtype
+        _close(t.grad, e.grad, torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16, "grad")
+    x, y = (t.to(dt).requires_grad_() for t, dt in zip(_mmd_inputs(), dtypes))
+    m = fastvae.mmd(x, y, backend=backend)
+    assert m.dtype == torch.promote_types(dtypes[0], dtypes[1])
+    m.backward()
+    assert x.grad.dtype == x.dtype and y.grad.dtype == y.dtype
+
+
+def test_scale_and_shape_errors(backend):
+    """A tensor scale is a TypeError (it would be read on the host each call and its gradient dropped);
+    mismatched shapes are a ShapeError, a RuntimeError as torch's own."""
+    x = torch.randn(5, 3, device=DEVICE)
+    for bad in (torch.tensor(2.0), [1.0, torch.tensor(2.0)], torch.tensor(2.0, requires_grad=True)):
+        with pytest.raises(TypeError, match="not a tensor"):
+            fastvae.mmd(x, scale=bad, backend=backend)
+    with pytest.raises(RuntimeError, match="y must have shape"):
+        fastvae.mmd(x, torch.randn(5, 4, device=DEVICE), backend=backend)
+    with pytest.raises(RuntimeError, match="one shape"):
+        fastvae.tc_decomposition(x, x[:4], x, dataset_size=10, backend=backend)
+
+
+def test_mmd_many_scales(backend):
+    """More scales than one backward launch takes (8): the launches' gradients add up."""
+    x, y = (t.requires_grad_() for t in _mmd_inputs())
+    scales = [0.3 * (k + 1) for k in range(11)]
+    out = fastvae.mmd(x, y, kernel="rbf", scale=scales, backend=backend)
+    out.backward()
+    x64, y64 = _oracle_inputs(x, y)
+    expect = fastvae.mmd(x64, y64, kernel="rbf", scale=scales, backend="torch")
+    expect.backward()
+    _close(out, expect, torch.float32, "mmd")
+    _close(x.grad, x64.grad, torch.float32, "grad x")
+    _close(y.grad, y64.grad, torch.float32, "grad y")
+
+
+def test_wide_offsets():
+    """WIDE (int64 element offsets) is chosen from the sizes: on for tensors that span 2^31 elements, off
+    below (meta tensors: no memory)."""
+    pytest.importorskip("triton")
+    from fastvae._triton.latent import _wide
+
+    assert not _wide(torch.empty(1 << 20, 64, device="meta"))
+    assert _wide(torch.empty(1 << 25, 64, device="meta"))
+    # a chunk of a wide tensor: its row stride, not its own numel, decides
+    h = torch.empty(1 << 24, 128, device="meta")
+    assert h[:, :64].numel() < 2**31 and _wide(h[:, :64])
+    assert _wide(torch.empty(1 << 31, 1, device="meta").t())  # one row of 2^31 elements
+
+
+@pytest.mark.skipif(BACKEND != "triton", reason="the kernels' int64 offsets")
+def test_forced_wide_offsets_are_bitwise_equal(monkeypatch):
+    """The kernels' int64 offset arithmetic (forced on small, strided tensors) gives bitwise the int32
+    path's values and gradients."""
+    from fastvae._triton import latent as latent_op
+
+    def run():
+        g = torch.Generator().manual_seed(9)
+        h = torch.randn(9, 8, generator=g).to(DEVICE).requires_grad_()
+        zt = torch.randn(4, 9, generator=g).to(DEVICE).requires_grad_()
+        mu, lv = h.chunk(2, dim=1)
+        out = (_tc_loss(zt.t(), mu, lv - 1.0, "triton") + _mmd_loss(h[:, :4], zt.t(), "triton")
+               + fastvae.mmd(zt.t(), h[:, 4:], scale=[0.1 * k + 0.5 for k in range(9)], backend="triton"))
+        return (out, *torch.autograd.grad(out, (h, zt)))
+
+    narrow = run()
+    monkeypatch.setattr(latent_op, "INT32_OFFSETS", 0)
+    with count_launches(*TC_KERNELS, *MMD_KERNELS) as counts:
+        wide = run()
+    assert counts["tc_fwd_kernel"] == 1 and counts["mmd_bwd_kernel"] == 6
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)

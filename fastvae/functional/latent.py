@@ -46,6 +46,11 @@ class TCDecomposition(NamedTuple):
     log_qzx: Tensor | None = None
     log_pz: Tensor | None = None
 
+    @property
+    def total(self) -> Tensor:
+        """mutual_info + total_correlation + dimwise_kl: the KL term the three decompose."""
+        return self.mutual_info + self.total_correlation + self.dimwise_kl
+
 
 def _check_group(group: object) -> tuple[int, int]:
     """(rank in group, world size) of ``group`` (None: no distribution)."""

@@ -37,6 +37,14 @@ from .common import HALF_LOG_2PI
 # elements of one chunk's (rows, columns, D) intermediates
 CHUNK_ELEMENTS = 1 << 22
 
+
+def _checkpointing(*ts: Tensor) -> bool:
+    """Whether a chunk is recomputed in backward rather than kept: when a gradient is wanted, except under
+    torch.func transforms, which do not take checkpoint's saved-tensor hooks (the chunks' graphs are kept
+    there: memory O(R B D) for grad, the price of torch.func.grad)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+            and not torch._C._are_functorch_transforms_active())
+
 MMD_MODES = ("biased", "unbiased", "paired")
 
 
@@ -78,7 +86,7 @@ def tc_log_densities(
     log_qzx = (-0.5 * (diff * diff * torch.exp(-own_lv) + own_lv) - HALF_LOG_2PI).sum(1)
     log_pz = (-0.5 * z * z - HALF_LOG_2PI).sum(1)
     chunk = chunk or max(1, CHUNK_ELEMENTS // max(1, batch * d))
-    grad = torch.is_grad_enabled() and (z.requires_grad or mu.requires_grad or logvar.requires_grad)
+    grad = _checkpointing(z, mu, logvar)
     parts_qz, parts_prod = [], []
     for start in range(0, r, chunk):
         rows = torch.arange(row_offset + start, row_offset + min(r, start + chunk), device=z.device)
@@ -107,7 +115,7 @@ def _kernel_sum(a: Tensor, b: Tensor, kernel: str, inv_scales: Sequence[float], 
 
 def _pair_sum(a: Tensor, b: Tensor, kernel: str, inv_scales: Sequence[float], skip_diagonal: bool) -> Tensor:
     chunk = max(1, CHUNK_ELEMENTS // max(1, b.shape[0] * a.shape[1]))
-    grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    grad = _checkpointing(a, b)
     total = a.new_zeros(())
     for start in range(0, a.shape[0], chunk):
         args = (a[start:start + chunk], b, kernel, inv_scales, skip_diagonal, start)
