@@ -12,8 +12,12 @@ pass.
 
     KL(N(m, s) || N(m_p, s_p)) = log(s_p / s) + (s^2 + (m - m_p)^2) / (2 s_p^2) - 1/2
 
-Both follow ``backend`` as the functions do: None runs the kernels on CUDA tensors, the eager formulas (torch's
-own for ``Normal``, diffusers' for ``DiagonalGaussianDistribution``) elsewhere.
+Both follow ``backend`` as the functions do: None follows the global setting (``fastvae.set_backend``; by
+default the kernels on CUDA tensors), the eager formulas (torch's own for ``Normal``, diffusers' written out for
+``DiagonalGaussianDistribution``) elsewhere. Shapes broadcast as the originals' (a prior or a sample of another
+batch shape, torch's ``Normal(loc, scale)`` of two shapes), dtypes promote as theirs, tensors on two devices
+raise ``fastvae.DeviceError`` (a ``RuntimeError``, as torch's). Gradients of any order: the eager path is plain
+torch ops, the kernels' backward is differentiable under ``create_graph=True``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.distributions import register_kl
 from torch.distributions.kl import _kl_normal_normal
 
 from . import reference
-from ._checks import BACKENDS, check_tensor, use_triton
+from ._checks import BACKENDS, broadcast_pair, broadcast_shapes, check_same_device, check_tensor, use_triton
 
 __all__ = ["DiagonalGaussianDistribution", "Normal"]
 
@@ -128,43 +132,55 @@ class DiagonalGaussianDistribution:
         return z
 
     def kl(self, other: DiagonalGaussianDistribution | None = None) -> Tensor:
-        """KL(self || other), other = N(0, I) by default, summed over dims 1, 2 and 3."""
+        """KL(self || other), other = N(0, I) by default, summed over dims 1, 2 and 3. ``other`` broadcasts
+        against self as in diffusers' formula (e.g. one shared prior for the batch)."""
         if self.deterministic:
             return torch.Tensor([0.0])
         if other is None and self._fused_kl is not None:
             kl, self._fused_kl = self._fused_kl, None  # once: a later kl() builds its own graph
             return kl
-        mean_p = logvar_p = None
-        if other is not None:
-            mean_p, logvar_p = other.mean, other.logvar
-        priors = [t for t in (mean_p, logvar_p) if t is not None]
-        four_d = self.parameters.dim() == 4 and all(t.shape == self.mean.shape for t in priors)
-        if self._kernels(*priors):
-            from . import _triton
+        if other is None:
+            if self._kernels():
+                return self._kernel_kl(None, None)
+            return 0.5 * torch.sum(torch.pow(self.mean, 2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        check_same_device(parameters=self.parameters, other=other.parameters)
+        shape = broadcast_pair("self.mean", self.mean, "other.mean", other.mean)
+        # the split kernel reads self's halves in place and expands the prior: it takes a prior that broadcasts
+        # to self's shape; a prior of a larger shape (self broadcast up) takes diffusers' formula
+        if shape == self.mean.shape and not other.deterministic and self._kernels(other.parameters):
+            return self._kernel_kl(other.mean, other.logvar)
+        return 0.5 * torch.sum(torch.pow(self.mean - other.mean, 2) / other.var + self.var / other.var - 1.0
+                               - self.logvar + other.logvar, dim=[1, 2, 3])
 
-            _, kl = _triton.sample_kl(self.parameters, None, mean_p, logvar_p, sample=False, num_samples=None,
-                                      generator=None, reduction="per_sample" if four_d else "none",
-                                      out_dtype=reference.dtypes(self.parameters, *priors)[0],
-                                      form=_triton.sampling.FORM_CLAMPED)
-            return kl if four_d else torch.sum(kl, dim=[1, 2, 3])
-        return torch.sum(reference.gaussian_kl(self.mean, self.logvar, mean_p, logvar_p, "none"), dim=[1, 2, 3])
+    def _kernel_kl(self, mean_p: Tensor | None, logvar_p: Tensor | None) -> Tensor:
+        from . import _triton
+
+        priors = [t for t in (mean_p, logvar_p) if t is not None]
+        four_d = self.parameters.dim() == 4  # the kernel's per-sample sum is diffusers' sum over dims 1-3
+        _, kl = _triton.sample_kl(self.parameters, None, mean_p, logvar_p, sample=False, num_samples=None,
+                                  generator=None, reduction="per_sample" if four_d else "none",
+                                  out_dtype=reference.dtypes(self.parameters, *priors)[0],
+                                  form=_triton.sampling.FORM_CLAMPED)
+        return kl if four_d else torch.sum(kl, dim=[1, 2, 3])
 
     def nll(self, sample: Tensor, dims: Sequence[int] = (1, 2, 3)) -> Tensor:
-        """The negative log-likelihood of ``sample`` under this Gaussian, summed over ``dims``."""
+        """The negative log-likelihood of ``sample`` under this Gaussian, summed over ``dims``; ``sample``
+        broadcasts against the mean as in diffusers' formula."""
         if self.deterministic:
             return torch.Tensor([0.0])
+        check_tensor("sample", sample, integer_ok=True)
+        check_same_device(parameters=self.parameters, sample=sample)
         dims = list(dims)
-        per_sample = sample.shape == self.mean.shape and sorted(d % sample.dim() for d in dims) == list(
-            range(1, sample.dim()))
-        if use_triton(self.backend, sample, self.parameters):
+        if sample.shape == self.mean.shape and sample.is_floating_point() and use_triton(
+                self.backend, sample, self.parameters):
             from .functional import gaussian_nll_loss_logvar
 
-            if sample.shape == self.mean.shape:
-                nll = gaussian_nll_loss_logvar(sample, self.mean, self.logvar, full=True,
-                                               reduction="per_sample" if per_sample else "none",
-                                               backend=self.backend)
-                return nll if per_sample else torch.sum(nll, dim=dims)
-        return torch.sum(reference.gaussian_nll_logvar(sample, self.mean, self.logvar, True, "none"), dim=dims)
+            per_sample = sorted(d % sample.dim() for d in dims) == list(range(1, sample.dim()))
+            nll = gaussian_nll_loss_logvar(sample, self.mean, self.logvar, full=True,
+                                           reduction="per_sample" if per_sample else "none", backend=self.backend)
+            return nll if per_sample else torch.sum(nll, dim=dims)
+        logtwopi = math.log(2.0 * math.pi)
+        return 0.5 * torch.sum(logtwopi + self.logvar + torch.pow(sample - self.mean, 2) / self.var, dim=dims)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -218,7 +234,8 @@ def _kl_fused(p: _TorchNormal, q: _TorchNormal) -> Tensor:
     """KL(p || q) elementwise, over the broadcast batch shape, in one pass on the kernels."""
     backend = p.backend if isinstance(p, Normal) else q.backend
     tensors = (p.loc, p.scale, q.loc, q.scale)
-    shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    check_same_device(p_loc=p.loc, q_loc=q.loc)
+    shape = broadcast_shapes(p.batch_shape, q.batch_shape)
     if math.prod(shape) == 0 or not use_triton(backend, *tensors):
         return _kl_normal_normal(p, q)
     from . import _triton

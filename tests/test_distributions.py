@@ -417,3 +417,189 @@ def test_normal_on_the_kernels(poisoned):
     with count_launches() as none:
         kl_divergence(TorchNormal(loc, scale), TorchNormal(0.0, 1.0))
     assert sum(none.values()) == 0
+
+
+# --------------------------------------------------- broadcasting, dtypes and devices as the originals
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batches", [(3, 1), (1, 3)], ids=["shared-prior", "prior-batch"])
+def test_ldm_kl_other_broadcasts(dtype, batches, backend):
+    """kl(other) with other of another batch size broadcasts as diffusers' formula: one prior for the batch,
+    or one posterior against a batch of priors; values, shape and gradients."""
+    p, p64 = _params((batches[0], 4, 3, 2), dtype)
+    o, o64 = _params((batches[1], 4, 3, 2), dtype, scale=0.7)
+    kl = DiagonalGaussianDistribution(p, backend=backend).kl(DiagonalGaussianDistribution(o, backend=backend))
+    ref = LdmPosterior(p64).kl(LdmPosterior(o64))
+    assert kl.shape == ref.shape == (3,)
+    _backward(kl, ref)
+    _check(kl, ref, dtype, [(p, p64), (o, o64)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", [((2, 4, 3, 3), (1, 2, 3, 3)), ((1, 4, 3, 3), (3, 2, 3, 3)),
+                                    ((2, 4, 3, 3), (2, 2, 1, 3))], ids=["sample-1", "params-1", "sample-row"])
+def test_ldm_nll_broadcasts(dtype, shapes, backend):
+    p, p64 = _params(shapes[0], dtype)
+    x = torch.randn(shapes[1], dtype=torch.float64).to(DEVICE)
+    x, x64 = x.to(dtype).requires_grad_(), x.to(dtype).double().requires_grad_()
+    nll = DiagonalGaussianDistribution(p, backend=backend).nll(x)
+    ref = LdmPosterior(p64).nll(x64)
+    assert nll.shape == ref.shape
+    _backward(nll, ref)
+    _check(nll, ref, dtype, [(p, p64), (x, x64)])
+
+
+def test_ldm_dtypes_promote_as_diffusers(backend):
+    """A float64 prior or sample against float32 parameters, or uint8 pixels: torch's promotion, as in
+    diffusers' formula (the values those of the formula in the promoted dtype)."""
+    p = torch.randn(2, 4, 3, 3, device=DEVICE)
+    post = DiagonalGaussianDistribution(p, backend=backend)
+    o64 = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=DEVICE)
+    kl = post.kl(DiagonalGaussianDistribution(o64, backend=backend))
+    ref = LdmPosterior(p).kl(LdmPosterior(o64))
+    assert kl.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(kl, ref)
+    x64 = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=DEVICE)
+    assert post.nll(x64).dtype == torch.float64
+    torch.testing.assert_close(post.nll(x64), LdmPosterior(p).nll(x64))
+    pixels = torch.randint(0, 4, (2, 2, 3, 3), dtype=torch.uint8, device=DEVICE)
+    ref = LdmPosterior(p).nll(pixels)
+    assert post.nll(pixels).dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(post.nll(pixels), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_device_mismatch_is_a_device_error():
+    """Tensors on two devices: fastvae.DeviceError, a RuntimeError as torch raises (meta stands in for a
+    second device)."""
+    from fastvae import DeviceError
+
+    post = DiagonalGaussianDistribution(torch.randn(2, 4, 1, 1))
+    meta = DiagonalGaussianDistribution(torch.randn(2, 4, 1, 1, device="meta"))
+    with pytest.raises(DeviceError, match="same device"):
+        post.kl(meta)
+    with pytest.raises(RuntimeError, match="same device"):
+        post.nll(torch.randn(2, 2, 1, 1, device="meta"))
+    q = Normal(torch.zeros(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match="same device"):
+        kl_divergence(q, TorchNormal(torch.zeros(3, device="meta"), torch.ones(3, device="meta"),
+                                     validate_args=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", [((5, 4), (1, 4)), ((5, 1), (4,)), ((3,), ())], ids=str)
+def test_normal_broadcast_loc_and_scale(dtype, shapes, backend):
+    """Normal(loc, scale) of two shapes (a shared scale, as a learned per-feature sigma): the batch shape,
+    samples, gradients reduced to each parameter's own shape, log_prob and the KL, all as torch's Normal."""
+    (loc, loc64), _ = _normal_params(shapes[0], dtype)
+    _, (scale, scale64) = _normal_params(shapes[1], dtype)
+    q, t = Normal(loc, scale, backend=backend), TorchNormal(loc64, scale64)
+    assert q.batch_shape == t.batch_shape
+    z = q.rsample((2,))
+    assert z.shape == (2, *t.batch_shape) and z.dtype == dtype
+    eps = ((z.detach().double() - loc64.detach()) / scale64.detach()).detach()
+    z_ref = loc64 + eps * scale64
+    _backward(z, z_ref)
+    widen = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
+    _check(z, z_ref, dtype, [(loc, loc64), (scale, scale64)], widen=widen)
+    assert loc.grad.shape == loc.shape and scale.grad.shape == scale.shape
+    prior = TorchNormal(torch.zeros(t.batch_shape[-1:], dtype=torch.float64, device=DEVICE), 1.0)
+    kl = kl_divergence(q, TorchNormal(prior.loc.to(dtype), prior.scale.to(dtype)))
+    _check(kl, kl_divergence(t, prior), dtype)
+
+
+# ------------------------------------------------------------------------------- second order (create_graph)
+
+
+def _grad_of_grad(f, inputs):
+    """d/d inputs of <d f(inputs) . w / d inputs, v>: the create_graph path, fixed weights w and v."""
+    gen = torch.Generator().manual_seed(11)
+    out = f(*inputs)
+    w = (torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5).to(out.device, out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), inputs, create_graph=True)
+    s = sum((g * (torch.rand(g.shape, generator=gen, dtype=torch.float64) + 0.5).to(g.device, g.dtype)).sum()
+            for g in grads)
+    return torch.autograd.grad(s, inputs, allow_unused=True, materialize_grads=True)
+
+
+def _second_order_matches(ours, ref, inputs, inputs64, dtype):
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(ours, inputs64)
+    for a, e in zip(_grad_of_grad(ours, inputs), _grad_of_grad(ref, inputs64)):
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a.double(), e, rtol=2e-4, atol=2e-4 * scale)
+
+
+SECOND_ORDER_DTYPES = [torch.float32] + ([torch.float64] if BACKEND == "torch" else [])
+
+
+@pytest.mark.parametrize("dtype", SECOND_ORDER_DTYPES)
+@pytest.mark.parametrize("method", ["kl", "kl_other", "nll", "sample"])
+def test_ldm_create_graph(method, dtype, backend):
+    """Second-order gradients through the posterior's methods equal those of diffusers' formula in float64
+    (gradgradcheck on the eager path in float64); sample() compared for the noise it drew."""
+    p, p64 = _params((2, 4, 3, 2), dtype)
+    o, o64 = _params((1, 4, 3, 2), dtype, scale=0.7)
+    x = torch.randn(2, 2, 3, 2, dtype=torch.float64, device=DEVICE)
+    if method == "sample":
+        with torch.no_grad():
+            z = DiagonalGaussianDistribution(p, backend=backend).sample(torch.Generator(DEVICE).manual_seed(2))
+            ref = LdmPosterior(p64)
+            eps = ((z.double() - ref.mean) / ref.std).detach()
+
+        def ours(p):
+            return DiagonalGaussianDistribution(p, backend=backend).sample(
+                torch.Generator(DEVICE).manual_seed(2)) ** 2
+
+        def theirs(p):
+            return LdmPosterior(p).sample(eps) ** 2
+        _second_order_matches(ours, theirs, (p,), (p64,), dtype)
+        return
+    if method == "kl_other":
+        def call(cls):
+            return lambda p, o: cls(p).kl(cls(o))
+        inputs, inputs64 = (p, o), (p64, o64)
+    else:
+        def call(cls):
+            return (lambda p: cls(p).kl()) if method == "kl" else (lambda p: cls(p).nll(x.to(p.dtype)))
+        inputs, inputs64 = (p,), (p64,)
+    ours = call(lambda t: DiagonalGaussianDistribution(t, backend=backend))
+    _second_order_matches(ours, call(LdmPosterior), inputs, inputs64, dtype)
+
+
+@pytest.mark.parametrize("dtype", SECOND_ORDER_DTYPES)
+@pytest.mark.parametrize("method", ["rsample", "kl", "log_prob"])
+def test_normal_create_graph(method, dtype, backend):
+    """Second-order gradients through Normal's rsample (for the noise it drew), KL and log_prob equal
+    torch.distributions' in float64."""
+    (loc, loc64), (scale, scale64) = _normal_params((4, 3), dtype)
+    (mq, mq64), (sq, sq64) = _normal_params((3,), dtype, scale_floor=0.5)
+    x = torch.randn(4, 3, dtype=torch.float64, device=DEVICE)
+    inputs, inputs64 = (loc, scale), (loc64, scale64)
+    if method == "rsample":
+        with torch.no_grad():
+            torch.manual_seed(5)
+            z = Normal(loc, scale, backend=backend).rsample()
+            eps = ((z.double() - loc64) / scale64).detach()
+
+        def ours(loc, scale):
+            torch.manual_seed(5)
+            return Normal(loc, scale, backend=backend).rsample() ** 2
+
+        def theirs(loc, scale):
+            return (loc + scale * eps) ** 2
+    elif method == "kl":
+        inputs, inputs64 = (loc, scale, mq, sq), (loc64, scale64, mq64, sq64)
+
+        def ours(loc, scale, mq, sq):
+            return kl_divergence(Normal(loc, scale, backend=backend), TorchNormal(mq, sq))
+
+        def theirs(loc, scale, mq, sq):
+            return kl_divergence(TorchNormal(loc, scale), TorchNormal(mq, sq))
+    else:
+        def ours(loc, scale):
+            return Normal(loc, scale, backend=backend).log_prob(x.to(loc.dtype))
+
+        def theirs(loc, scale):
+            return TorchNormal(loc, scale).log_prob(x)
+    _second_order_matches(ours, theirs, inputs, inputs64, dtype)
