@@ -1079,6 +1079,8 @@ def test_one_component_extremes_under_gpu_math(kind, gpu_math):
         x = torch.randint(0, 256, (n,)).double() / 255 * 2 - 1
         x[:4] = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
         mean = torch.rand(n) * 2.2 - 1.1
+        # at log scales -40..-20: x at the mean, above it, below it, the mean inside x's bin
+        mean[4:8] = (x[4:8] + torch.tensor([0.0, 0.3, -0.3, 0.5 / 255], dtype=torch.float64)).float()
     x = x.float().to(DEVICE).reshape(4, 16)
     (mean, mean64), (ls, ls64) = _pair(mean.reshape(4, 16), torch.float32), _pair(ls.reshape(4, 16), torch.float32)
     out = _one_fn(kind)(x, mean, ls, reduction="none", backend="triton")
