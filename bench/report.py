@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-
 IMPL_ORDER = ("eager", "compile", "formula", "formula-compile", "fastvae-torch", "fastvae-triton", "fastvae")
 REFERENCES = ("eager", "compile", "formula", "formula-compile")  # as bench/conftest.py's
 OP_ORDER = (

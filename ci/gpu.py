@@ -1,10 +1,11 @@
 """The phases of ci/gpu.sh: one budgeted call on a lent GPU (see ci/gpu.sh for usage and the estimate).
 
 Correctness comes first: the GPU-only tests and the op suite run before any benchmark, and nothing else uses
-the GPU while they do (no compile warm-up, no fit search beside them). Each phase runs under its own timeout, taken from what is left of the budget less what the later phases that
-must run keep for themselves; a phase that fails or times out never stops the next. Everything a phase writes
-goes under a work folder, and after every phase the results are packed again into the destination ($OUT when
-it is set), so a call cut short still returns what it had. The last lines printed are a compact summary.
+the GPU while they do (no compile warm-up, no fit search beside them). Each phase runs under its own timeout,
+taken from what is left of the budget less what the later phases that must run keep for themselves; a phase
+that fails or times out never stops the next. Everything a phase writes goes under a work folder, and after
+every phase the results are packed again into the destination ($OUT when it is set), so a call cut short still
+returns what it had. The last lines printed are a compact summary.
 
 With --dry-run on a machine without CUDA, every phase runs end to end on the CPU: the CUDA-only tests skip
 (saying so), the Triton warm-up compiles a few specializations, the tests run one small selection under the
@@ -33,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the op suite of the interpreter pass (ci/run_tests.sh), run on CUDA on its FASTVAE_TEST_SUBSET
 with open(os.path.join(ROOT, "ci", "op_tests.txt")) as _f:
     OP_TESTS = [ln.strip() for ln in _f if ln.strip()]
-# correctness only a GPU shows: > 2^31 elements, graph replay, no host sync; inductor over the Triton ops
+# correctness only a GPU shows: > 2^31 elements, graph replay, no host sync in any public op, a second device
+# (with two GPUs); inductor over the Triton ops
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton.py::test_compile_fullgraph_training_step"]
 HEADLINE_FILES = ["bench/test_sampling.py", "bench/test_gaussian_nll.py", "bench/test_e2e.py"]
 # the fit search (the largest batch each implementation fits) is no headline: it runs with the rest

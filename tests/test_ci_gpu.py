@@ -233,3 +233,12 @@ def test_warm_up_and_headline_select_the_reference_rows_and_no_fit_search():
     assert all(t.endswith(("compile]", "fastvae-triton]")) for t in warm)
     # 2^26 elements: the ops' cases of the headline (sample+KL and nll_logvar have no formula rows)
     assert sum("test_mlp_vae" not in t for t in headline) == 64
+
+
+def test_the_gpu_suite_calls_every_public_op():
+    """tests/test_cuda.py's no-host-sync and second-device tests have a call for every public op (checked here,
+    on the CPU, so a new op without one fails before a GPU is lent)."""
+    import test_cuda
+
+    calls = {n.split("[")[0] for n in test_cuda.CALLS}
+    assert test_cuda._public_ops() <= calls, sorted(test_cuda._public_ops() - calls)
