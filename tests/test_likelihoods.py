@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from _launches import count_launches
 from _oracle import backward_both, check
 from conftest import BACKEND, DEVICE, DTYPES, TOL
@@ -634,3 +635,274 @@ def test_torch_func_grad_and_vmap(op, backend):
     out = torch.func.vmap(lambda *a: fn(*a))(*batch)
     expect = torch.stack([fn(*[b[i] for b in batch]) for i in range(2)])
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ torch's conventions, invalid values
+
+
+BCE_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64),
+                   (torch.float16, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("x_dtype, t_dtype", BCE_DTYPE_PAIRS, ids=lambda d: str(d).split(".")[-1])
+def test_bce_result_dtype_is_torchs(x_dtype, t_dtype, backend, device):
+    """torch's BCE with logits returns the target's dtype (it multiplies into 1 - target in place), whatever
+    the logits', weight's or pos_weight's (an integer weight included)."""
+    x, t = torch.randn(5, 4, device=device, dtype=x_dtype), torch.rand(5, 4, device=device, dtype=t_dtype)
+    for w, p in ((None, None), (torch.rand(4, device=device, dtype=torch.float64), None),
+                 (torch.randint(1, 3, (4,), device=device), torch.randint(1, 3, (5, 1), device=device))):
+        out = fastvae.binary_cross_entropy_with_logits(x, t, w, pos_weight=p, reduction="none", backend=backend)
+        ref = F.binary_cross_entropy_with_logits(x.double(), t.double(), None if w is None else w.double(),
+                                                 pos_weight=None if p is None else p.double(), reduction="none")
+        assert out.dtype == F.binary_cross_entropy_with_logits(x, t, w, pos_weight=p).dtype == t_dtype
+        rtol, atol = TOL[_coarser(x_dtype, t_dtype)]  # the loss is rounded to the target's dtype
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps > torch.finfo(b).eps else b
+
+
+@pytest.mark.parametrize("log_input", [True, False])
+@pytest.mark.parametrize("kinds", ["int-target", "int-input", "both-int", "broadcast-input", "broadcast-target"])
+def test_poisson_integers_and_broadcasting_as_torch(kinds, log_input, backend, device):
+    """Integer operands (torch promotes them: an integer tensor counts as the default float dtype) and
+    broadcasting in either direction: torch's dtype, shape and numbers."""
+    x = torch.rand(4, 6, device=device) * 3 + 0.2
+    t = torch.poisson(torch.rand(4, 6, device=device) * 4)
+    if "int" in kinds and kinds != "int-target":
+        x = x.round().long() + 1
+    if kinds in ("int-target", "both-int"):
+        t = t.long()
+    if kinds == "broadcast-input":
+        x = x[:1]
+    if kinds == "broadcast-target":
+        t = t[:, :1].expand(4, 1)
+    for full in (False, True):
+        out = fastvae.poisson_nll_loss(x, t, log_input=log_input, full=full, reduction="none", backend=backend)
+        ref = F.poisson_nll_loss(x, t, log_input=log_input, full=full, reduction="none")
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+NB_BCAST = {  # name -> shapes of (x, mu, theta, pi): every direction the formula's torch ops broadcast
+    "posterior-predictive": ((4, 6), (3, 4, 6), (6,), (3, 4, 6)),
+    "counts-broadcast": ((6,), (4, 6), (1, 6), (4, 6)),
+    "pi-per-row": ((4, 6), (4, 6), (6,), (4, 1)),
+    "mu-per-row": ((4, 6), (4, 1), (6,), (4, 6)),
+    "all-1d": ((6,), (6,), (6,), (6,)),
+    "scalar-theta-0d": ((4, 6), (4, 6), (), (4, 6)),
+}
+
+
+@pytest.mark.parametrize("form", list(NB_BCAST))
+@pytest.mark.parametrize("zi", [False, True], ids=["nb", "zinb"])
+def test_nb_zinb_broadcast_as_scvi(form, zi, backend, device):
+    """The loss has the broadcast shape of all arguments, values and every gradient as scvi's formula's in
+    float64; integer counts promote as torch's lgamma does."""
+    xs, ms, ts, ps = NB_BCAST[form]
+    x = _counts(xs).to(device).long()
+    (mu, mu64), (th, th64), (pi, pi64) = (_pair(torch.rand(ms) * 5 + 0.1, torch.float32),
+                                          _pair(torch.rand(ts) * 3 + 0.3, torch.float32),
+                                          _pair(torch.randn(ps), torch.float32))
+    if zi:
+        out = fastvae.zinb_nll(x, mu, th, pi, reduction="none", backend=backend)
+        ref = -log_zinb_positive(x.double(), mu64, th64, pi64)
+        pairs = [(mu, mu64), (th, th64), (pi, pi64)]
+    else:
+        out = fastvae.negative_binomial_nll(x, mu, th, reduction="none", backend=backend)
+        ref = -log_nb_positive(x.double(), mu64, th64)
+        pairs = [(mu, mu64), (th, th64)]
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    backward_both(out, ref)
+    check(out, ref, torch.float32, pairs, tol=NB_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("zi", [False, True], ids=["nb", "zinb"])
+@pytest.mark.parametrize("bad", ["x", "mu", "theta", "mu-tiny"])
+def test_nb_invalid_values_give_nan(bad, zi, backend, device):
+    """A negative count, mean or inverse dispersion: NaN in that element's loss and in every gradient through
+    it, on both paths (scvi's formula gives a finite value for some of them, e.g. mu in (-eps, 0) or any
+    negative value at a zero count of ZINB); the other elements untouched. With validation on: ValueError."""
+    x = torch.tensor([[0.0, 3.0, 0.0, 7.0]], device=device)
+    mu = torch.tensor([[1.5, 2.0, 0.7, 4.0]], device=device)
+    th = torch.tensor([0.8, 1.2, 2.0, 0.5], device=device)
+    pi = torch.tensor([[0.3, -0.2, 1.0, 0.1]], device=device)
+    col = 0  # a zero count: where scvi's ZINB would select a finite branch
+    if bad == "x":
+        x[0, 1] = -2.0
+        col = 1
+    elif bad == "mu":
+        mu[0, col] = -0.5
+    elif bad == "mu-tiny":
+        mu[0, col] = -1e-9  # inside (-eps, 0): log(mu + eps) is finite there
+    else:
+        th[col] = -0.5
+    mu, th, pi = (t.requires_grad_() for t in (mu, th, pi))
+    if zi:
+        out = fastvae.zinb_nll(x, mu, th, pi, reduction="none", backend=backend)
+    else:
+        out = fastvae.negative_binomial_nll(x, mu, th, reduction="none", backend=backend)
+    assert out[0, col].isnan() and torch.isfinite(out[0, 2:] if col < 2 else out[0, :1]).all()
+    out.sum().backward()
+    for t in ((mu, th, pi) if zi else (mu, th)):
+        assert t.grad.flatten()[col if t.dim() == 1 or t.shape[-1] > 1 else 0].isnan(), t
+    fastvae.set_default_validate_args(True)
+    try:
+        with pytest.raises(ValueError, match="must be >= 0"):
+            fastvae.negative_binomial_nll(x, mu, th, backend=backend)
+    finally:
+        fastvae.set_default_validate_args(None)
+
+
+# --------------------------------------------------------------------------------- layouts and GPU numerics
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t (B, C, H, W) in a dense non-contiguous layout: channels_last, or (B, W, H, C) memory order."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+
+
+@triton_only
+@pytest.mark.parametrize("op", ["bce", "poisson", "zinb"])
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "per_sample"])
+def test_dense_layouts_are_read_in_place(op, layout, reduction, monkeypatch, launches):
+    """Inputs sharing a dense non-contiguous layout: no copy (``.contiguous()`` never copies), no full-size
+    buffer beyond the outputs, the elementwise loss and every gradient in the inputs' memory format, values
+    as the float64 oracle's."""
+    from fastvae._triton import common
+
+    shape = (2, 3, 4, 5)
+    n = math.prod(shape)
+    if op == "bce":
+        raw = [torch.randn(shape) * 2, torch.rand(shape)]
+    elif op == "poisson":  # no zero target: torch's full=True target gradient is NaN there (0 * log 0)
+        raw = [torch.randn(shape) * 0.5, torch.rand(shape) * 3 + 0.1]
+    else:
+        raw = [torch.rand(shape) * 4 + 0.1, torch.rand(shape) * 2 + 0.3, torch.randn(shape)]
+    cnt = _layout(_counts(shape).to(DEVICE), layout)
+    leaves = [_layout(t.to(DEVICE), layout).requires_grad_() for t in raw]
+    twins = [t.detach().double().contiguous().requires_grad_() for t in raw]
+
+    def run(ts, oracle):
+        if op == "bce":
+            return (F.binary_cross_entropy_with_logits(*ts, reduction="none") if oracle else
+                    fastvae.binary_cross_entropy_with_logits(*ts, reduction=reduction, backend="triton"))
+        if op == "poisson":
+            return (F.poisson_nll_loss(*ts, full=True, reduction="none") if oracle else
+                    fastvae.poisson_nll_loss(*ts, full=True, reduction=reduction, backend="triton"))
+        return (-log_zinb_positive(cnt.double(), *ts) if oracle else
+                fastvae.zinb_nll(cnt, *ts, reduction=reduction, backend="triton"))
+
+    copies, full_buffers = [], []
+    original_contiguous, original_alloc = torch.Tensor.contiguous, common.alloc
+
+    def contiguous(self, *a, **k):
+        out = original_contiguous(self, *a, **k)
+        if out.data_ptr() != self.data_ptr():
+            copies.append(tuple(self.shape))
+        return out
+
+    def alloc(like, shape_, dtype=None):
+        if math.prod(shape_) == n:
+            full_buffers.append(shape_)
+        return original_alloc(like, shape_, dtype)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    monkeypatch.setattr(common, "alloc", alloc)
+    out = run(leaves, False)
+    if reduction == "none":
+        assert out.stride() == leaves[0].stride()
+    go = torch.rand_like(out)  # in out's layout, as autograd's grad of a channels_last activation is
+    out.backward(go)
+    monkeypatch.undo()
+    assert sum(launches.values()) == 1, launches
+    assert not copies, copies
+    assert len(full_buffers) == len(leaves) + (reduction == "none"), full_buffers  # the gradients (and loss)
+    ref = _reduce(run(twins, True), reduction)
+    ref.backward(go.double().contiguous())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=1e-5)
+    for a, b in zip(leaves, twins):
+        assert a.grad.stride() == a.stride(), (a.grad.stride(), a.stride())
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-5, atol=1e-5)
+
+
+@pytest.fixture
+def gpu_ftz(monkeypatch):
+    """The interpreter's fp32 exp, log and division made to flush subnormal arguments and results to (signed)
+    zero, as a GPU's ex2.approx.ftz, lg2.approx.ftz and approximate division do (the interpreter itself computes
+    them in numpy, with subnormals)."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    tiny = np.float32(2.0 ** -126)
+
+    def ftz(a):
+        if a.dtype != np.float32:
+            return a
+        return np.where(np.abs(a) < tiny, np.copysign(np.float32(0.0), a), a).astype(np.float32)
+
+    def unary(fn):
+        return lambda self, arg: interp.TensorHandle(ftz(fn(ftz(arg.data))), arg.dtype.scalar)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_log", unary(np.log))
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_exp", unary(np.exp))
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_fdiv",
+                        lambda self, lhs, rhs: self.binary_op(lhs, rhs, lambda a, b: ftz(np.divide(ftz(a), ftz(b)))))
+
+
+@triton.jit
+def _plain_log_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.log(tl.load(x_ptr + offs)))
+
+
+@triton_only
+@pytest.mark.parametrize("fn", ["digamma", "lgamma"])
+def test_special_functions_under_gpu_flush_to_zero(fn, gpu_ftz):
+    """lgamma / digamma from subnormal to huge arguments with exp, log and division flushing subnormals as on a
+    GPU: the float64 values rounded to fp32 (a plain tl.log of a subnormal gives -inf there: the emulation
+    bites). Subnormal x: lgamma = -log x = 92-103 and psi = -1/x (-inf in fp32 below 2^-128)."""
+    probe = torch.tensor([1e-40, 1.0], device=DEVICE)
+    plain = torch.empty_like(probe)
+    _plain_log_kernel[(1,)](probe, plain, BLOCK=2)
+    assert plain[0] == float("-inf")  # what the shift's log(den) gave at x = 1e-40 before
+    x = torch.tensor([0.0, 1e-45, 1e-42, 1e-40, 2.0 ** -127.5, 3e-39, 1.1e-38, 1.2e-38, 1e-30, 5.4e-20, 5.43e-20,
+                      1e-12, 1e-6, 0.3, 1.4616, 4.0, 7.9, 1e6, 1e30, 1e37, float("inf")], device=DEVICE)
+    out = torch.empty_like(x)
+    nb_k.special_fn_kernel[(1,)](x, out, x.numel(), FN=0 if fn == "digamma" else 1, BLOCK=32)
+    exact = (torch.digamma if fn == "digamma" else torch.lgamma)(x.double().cpu())
+    # the float64 value rounded to fp32 (-inf where it passes fp32's range), to 2e-6 relative: the accuracy of
+    # the series (test_special_functions_fp32_accuracy) and, below 2^-64, of fp32's log and the 149 log 2 step
+    # (a few ulps of a value of at least 44); absolute 1e-6 near lgamma's roots at 1 and 2 and psi's at 1.4616
+    torch.testing.assert_close(out.cpu().double(), exact.float().double(), rtol=2e-6, atol=1e-6)
+
+
+@triton_only
+def test_losses_under_gpu_flush_to_zero(gpu_ftz):
+    """NB with eps = 0 and a subnormal mean, Poisson on a subnormal rate, BCE and Poisson where exp underflows:
+    the float64 values under the GPU's flushing exp/log/division, each within 1.2e-38 absolute (exp's flushed
+    subnormal, 2^-126) or 1e-5 relative."""
+    x = torch.tensor([[0.0, 1.0, 3.0]], device=DEVICE)
+    mu, th = torch.tensor([[1e-40, 1e-40, 2.0]], device=DEVICE), torch.tensor([0.5, 1e-39, 1.5], device=DEVICE)
+    out = fastvae.negative_binomial_nll(x, mu, th, eps=0.0, reduction="none", backend="triton")
+    ref = -log_nb_positive(x.double(), mu.double(), th.double(), eps=0.0)
+    # atol: th (log th - log(th + mu)) cancels to ~1e-40 at a zero count, fp32 keeps an ulp of log 0.5 there
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    rate = torch.tensor([1e-40, 3e-39, 0.5], device=DEVICE)
+    t = torch.tensor([1.0, 2.0, 0.0], device=DEVICE)
+    out = fastvae.poisson_nll_loss(rate, t, log_input=False, eps=0.0, reduction="none", backend="triton")
+    torch.testing.assert_close(out.double(), F.poisson_nll_loss(rate.double(), t.double(), log_input=False, eps=0.0,
+                                                                reduction="none"), rtol=1e-5, atol=0)
+    logits = torch.tensor([-100.0, -90.0, 90.0, 100.0], device=DEVICE)
+    for target in (torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)):
+        out = fastvae.binary_cross_entropy_with_logits(logits, target, reduction="none", backend="triton")
+        ref = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none")
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1.2e-38)
+    log_rate = torch.tensor([-100.0, -90.0], device=DEVICE)
+    out = fastvae.poisson_nll_loss(log_rate, torch.zeros(2, device=DEVICE), reduction="none", backend="triton")
+    torch.testing.assert_close(out.double(), torch.exp(torch.tensor([-100.0, -90.0], dtype=torch.float64)),
+                               rtol=0, atol=1.2e-38)
