@@ -209,7 +209,7 @@ def _shown(message: str, category: type[Warning], module: str) -> bool:
 
 @pytest.mark.parametrize("message", ["divide by zero encountered in divide", "invalid value encountered in multiply",
                                      "overflow encountered in exp", "divide by zero encountered in log",
-                                     "underflow encountered in cast"])
+                                     "underflow encountered in cast", "All-NaN slice encountered"])
 def test_the_interpreters_numpy_warnings_are_hidden(message):
     assert not _shown(message, RuntimeWarning, "triton.runtime.interpreter")
 
