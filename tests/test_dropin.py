@@ -44,7 +44,7 @@ def _calls(device: torch.device) -> dict:
         return fastvae.zinb_nll(x, leaf(r(4, 6).exp()), leaf(r(4, 6).exp()), leaf(r(4, 6)), backend="triton")
 
     def dmol():
-        x = (torch.rand(2, 3, 2, 2, generator=g) * 2 - 1).to(device)
+        x = (torch.rand(2, 2, 2, 3, generator=g) * 2 - 1).to(device)  # channels-last images
         params = leaf(r(2, 2, 2, 10 * 2))
         return fastvae.discretized_mix_logistic_nll(x, params, num_mixtures=2, reduction="sum", backend="triton")
 
@@ -65,8 +65,11 @@ def _calls(device: torch.device) -> dict:
         out = fastvae.vector_quantize(leaf(r(2, 4, 3, 3)), leaf(r(40, 4)), dim=1, backend="triton")
         return out.loss + out.quantized.sum()
 
+    def lfq():
+        return fastvae.lookup_free_quantize(leaf(r(8, 5)) * 0.02, backend="triton").loss
+
     return {"sample_kl": sample_kl, "nll": nll, "bce": bce, "poisson": poisson, "zinb": zinb, "dmol": dmol,
-            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq}
+            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq}
 
 
 @triton_only

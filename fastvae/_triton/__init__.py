@@ -26,3 +26,6 @@ __all__ += ["mmd", "tc_log_densities"]
 from .vq import vq_search  # noqa: E402
 
 __all__ += ["vq_search"]
+from .lfq import lfq_codebook_entropy  # noqa: E402
+
+__all__ += ["lfq_codebook_entropy"]

@@ -55,3 +55,6 @@ from .vq import (  # noqa: E402
 
 __all__ += ["CodebookEMA", "CodebookUsage", "VQ_PRESETS", "VQOutput", "codebook_ema_update", "codebook_usage",
             "kmeans", "residual_vector_quantize", "vector_quantize"]
+from .lfq import LFQOutput, lookup_free_quantize  # noqa: E402
+
+__all__ += ["LFQOutput", "lookup_free_quantize"]

@@ -53,3 +53,6 @@ from .vq import (  # noqa: E402
 
 __all__ += ["code_sums", "codebook_usage", "ema_codebook", "gather_codes", "rotation_trick", "straight_through",
             "vq_losses", "vq_search"]
+from . import lfq  # noqa: E402
+
+__all__ += ["lfq"]
