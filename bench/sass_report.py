@@ -28,6 +28,7 @@ clean result for, so a changed kernel, a new constexpr mode or another triton co
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import multiprocessing
@@ -307,7 +308,8 @@ def check_with_record(work: list[Job], record_path: str, jobs: int, update: bool
                    "recorded": True, **{k: entry[k] for k in RECORD_FIELDS if k in entry}}
     stats = {"record": record_path, "entries": len(record), "jobs": len(work), "found": len(seen),
              "compiled": len(todo), "unkeyed": sum(k is None for k in keys), "key_seconds": round(key_seconds, 1),
-             "compile_seconds": round(compile_seconds, 1), "mismatched": [rows[i]["name"] for i in sorted(mismatched)]}
+             "compile_seconds": round(compile_seconds, 1), "mismatched": [rows[i]["name"] for i in sorted(mismatched)],
+             "compiled_files": dict(sorted(collections.Counter(work[i][1]["file"] for i in todo).items()))}
     if update:
         version = triton.__version__
         scope = {(version, arch, ints) for _, _, arch, ints, _, _ in work}
@@ -748,13 +750,17 @@ def main(argv: list[str] | None = None) -> int:
 def record_summary(stats: dict[str, Any], failed: list[dict[str, Any]], spilled: list[dict[str, Any]],
                    seconds: float) -> str:
     """The check's outcome in a few lines: specializations found in the record, compiled, failed, the time."""
-    unkeyed = f", {stats['unkeyed']} of them without a key" if stats["unkeyed"] else ""
+    unkeyed = (f", {stats['unkeyed']} of them without a key (no import or bind: a recording older than the kernel?)"
+               if stats["unkeyed"] else "")
     path = stats["record"]
     path = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
     lines = [f"compile record {path} ({stats['entries']} entries): "
              f"{stats['jobs']} specializations, {stats['found']} found in the record, {stats['compiled']} compiled"
              f"{unkeyed}; {len(failed)} failed, {len(spilled)} spill; {seconds:.0f} s (keys "
              f"{stats['key_seconds']:.0f} s, compiles {stats['compile_seconds']:.0f} s)"]
+    if stats["compiled"]:
+        lines.append("  compiled, by kernel file: "
+                     + ", ".join(f"{f} {n}" for f, n in stats["compiled_files"].items()))
     if stats["mismatched"]:
         lines.append(f"  {len(stats['mismatched'])} compiled under another hash than their key (not recorded): "
                      + ", ".join(stats["mismatched"][:5]))

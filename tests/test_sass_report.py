@@ -1,6 +1,7 @@
 """bench/sass_report.py's analysis: opcode classes, access widths, the hot path through slow-path branches and
 loops, spill detection, the TTIR byte count, and one real compile for sm_90 on this machine (skipped where
-triton cannot compile for a GPU target, or under the interpreter)."""
+triton cannot compile for a GPU target, or under the interpreter); the compile record's keys (computed without
+compiling) and the incremental check on a throwaway kernel with the compile mocked; the model's bandwidth."""
 
 from __future__ import annotations
 
