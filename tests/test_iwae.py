@@ -162,7 +162,9 @@ def test_bad_input(backend):
     with pytest.raises(ValueError, match="batch dim"):
         fastvae.sample_log_weights(mu[0, 0], mu[0, 0], num_samples=2, backend=backend)
     with pytest.raises(ValueError, match="shape \\(K, B\\)"):
-        fastvae.iwae_bound(torch.zeros(3, 2), torch.zeros(3, 1))
+        fastvae.iwae_bound(torch.zeros(3, 2, 1), torch.zeros(2, 1))
+    with pytest.raises(RuntimeError, match="does not broadcast"):  # ShapeError: torch's error type too
+        fastvae.iwae_bound(torch.zeros(3, 2), torch.zeros(2, 2))
     model = LinearGaussian()
     x = torch.randn(2, 6, device=DEVICE)
     with pytest.raises(ValueError, match="log_likelihood\\(z, x\\) must have shape"):
@@ -193,3 +195,154 @@ def test_trainer_iwae_and_log_px_estimate(tmp_path, backend):
     (line,) = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(line["train_elbo"]) and math.isfinite(line["test_log_px"])
     assert line["test_log_px"] > line["test_elbo"]
+
+
+# --- drop-in behaviour: second order, torch.func, torch.compile, no host sync, broadcasting, dtypes ---
+
+def _objective(z, log_ratio, c):
+    """A scalar of both outputs, nonlinear in z (second derivatives in mu and logvar everywhere)."""
+    k, b = log_ratio.shape
+    ll = -(z - c).pow(2).reshape(k, b, -1).sum(-1)
+    return fastvae.iwae_bound(ll, log_ratio).sum() + 0.1 * (z * z * z).sum()
+
+
+def _formula64(mu, lv, eps, c):
+    """The IWAE objective in float64 with a fixed eps (of shape (K, *mu.shape))."""
+    z = mu + torch.exp(0.5 * lv) * eps
+    terms = 0.5 * (eps * eps - z * z + lv)
+    lr = terms if terms.dim() == 2 else terms.flatten(2).sum(2)
+    return _objective(z, lr, c)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 2, 3)])
+def test_second_order(shape, backend):
+    """create_graph=True through sample_log_weights and iwae_bound: the float64 formula's gradient and
+    gradient-of-gradient, with the noise the call drew (recovered from z); gradgradcheck on the eager path."""
+    mu, lv = (t.detach() for t in _posterior(shape))
+    c = torch.randn(shape, device=DEVICE)
+    xs = [mu.clone().requires_grad_(), lv.clone().requires_grad_()]
+    z, log_ratio = fastvae.sample_log_weights(*xs, num_samples=3, backend=backend)
+    grads = torch.autograd.grad(_objective(z, log_ratio, c), xs, create_graph=True)
+    vs = [torch.randn_like(t) for t in xs]
+    second = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), xs)
+    eps = ((z.detach() - mu) / torch.exp(0.5 * lv)).double()
+    x64 = [mu.double().requires_grad_(), lv.double().requires_grad_()]
+    g64 = torch.autograd.grad(_formula64(*x64, eps, c.double()), x64, create_graph=True)
+    s64 = torch.autograd.grad(sum((g * v.double()).sum() for g, v in zip(g64, vs)), x64)
+    for a, e in zip(grads + second, g64 + s64):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+    if BACKEND == "torch":
+        def f(m, v):
+            z, lr = fastvae.sample_log_weights(m, v, num_samples=2, generator=torch.Generator().manual_seed(3),
+                                               backend="torch")
+            return _objective(z, lr, c.double())
+
+        small = [mu.double().requires_grad_(), lv.double().requires_grad_()]
+        assert torch.autograd.gradgradcheck(f, small)
+        ll, lr = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradgradcheck(fastvae.iwae_bound, (ll, lr))
+
+
+def test_torch_func(backend):
+    """torch.func.grad (the eager path, whatever the backend) gives autograd's gradient for the same draw;
+    vmap of iwae_bound gives each problem's bound."""
+    mu, lv = (t.detach() for t in _posterior((4, 3)))
+    c = torch.randn(4, 3, device=DEVICE)
+
+    def f(m, v, be):
+        z, lr = fastvae.sample_log_weights(m, v, num_samples=2, backend=be)
+        return _objective(z, lr, c)
+
+    torch.manual_seed(11)
+    grads = torch.func.grad(lambda m, v: f(m, v, backend), argnums=(0, 1))(mu, lv)
+    xs = [mu.clone().requires_grad_(), lv.clone().requires_grad_()]
+    torch.manual_seed(11)
+    expect = torch.autograd.grad(f(*xs, "torch"), xs)
+    for a, e in zip(grads, expect):
+        torch.testing.assert_close(a, e)
+    ll, lr = torch.randn(3, 5, 4, device=DEVICE), torch.randn(3, 5, 4, device=DEVICE)
+    torch.testing.assert_close(torch.func.vmap(fastvae.iwae_bound)(ll, lr),
+                               torch.stack([fastvae.iwae_bound(a, b) for a, b in zip(ll, lr)]))
+
+
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) through sample_log_weights, iwae_bound and estimate_log_likelihood: no
+    graph break. A compiled draw is not eager's (compiled RNG), so the samples are checked against the
+    formula with their own noise, and the estimator on the exact posterior, where it is exact for any draw."""
+    compile_backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    mu, lv = (t.detach() for t in _posterior((6, 3)))
+    c = torch.randn(6, 3, device=DEVICE)
+
+    def step(m, v):
+        z, lr = fastvae.sample_log_weights(m, v, num_samples=2, backend=backend)
+        return z, lr, _objective(z, lr, c)
+
+    xs = [mu.clone().requires_grad_(), lv.clone().requires_grad_()]
+    z, lr, out = torch.compile(step, fullgraph=True, backend=compile_backend)(*xs)
+    grads = torch.autograd.grad(out, xs)
+    eps = ((z.detach() - mu) / torch.exp(0.5 * lv)).double()
+    torch.testing.assert_close(lr.double(), (0.5 * (eps * eps - z.double() ** 2 + lv.double())).sum(-1),
+                               rtol=1e-5, atol=1e-4)
+    x64 = [mu.double().requires_grad_(), lv.double().requires_grad_()]
+    for a, e in zip(grads, torch.autograd.grad(_formula64(*x64, eps, c.double()), x64)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+    w, b, s2 = 0.8, 0.3, 0.5  # x = w z + b + noise (s2), z ~ N(0, 1): the posterior is exact and Gaussian
+    var = 1.0 / (1.0 + w * w / s2)
+
+    def encode(x):
+        return var * w * (x - b) / s2, torch.full_like(x, math.log(var))
+
+    def log_likelihood(z, x):
+        return -0.5 * ((x - w * z - b) ** 2 / s2 + math.log(2 * math.pi * s2)).sum(-1)
+
+    def estimate(x):
+        return fastvae.estimate_log_likelihood(encode, log_likelihood, x, num_samples=4, chunk_size=2,
+                                               backend=backend)
+
+    x = torch.randn(5, 1, device=DEVICE)
+    got = torch.compile(estimate, fullgraph=True, backend="eager")(x)  # no grad here: dynamo's graph is the check
+    exact = torch.distributions.Normal(b, math.sqrt(w * w + s2)).log_prob(x.double()).sum(-1)
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-5)
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Every way a tensor's value reaches the host, and a list copied to the device, raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the op path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+
+
+def test_no_host_sync(backend, no_host_reads):
+    """sample_log_weights and iwae_bound forward and backward, and the estimator's loop, read nothing back."""
+    mu, lv = _posterior((4, 3))
+    z, lr = fastvae.sample_log_weights(mu, lv, num_samples=2, backend=backend)
+    _objective(z, lr, 0.5).backward()
+    est = fastvae.estimate_log_likelihood(lambda x: (x, x * 0.0), lambda z, x: -(z - x).pow(2).sum(-1),
+                                          mu.detach(), num_samples=5, chunk_size=2, backend=backend)
+    assert est.shape == (4,)
+
+
+def test_broadcasting_and_dtypes(backend):
+    """A shared (1, D) logvar broadcasts against (B, D) mu (its gradient summed back to its shape); mixed
+    floating dtypes promote; iwae_bound broadcasts its two terms."""
+    mu = torch.randn(5, 3, device=DEVICE, requires_grad=True)
+    lv = (0.3 * torch.randn(1, 3, device=DEVICE)).to(torch.float16).requires_grad_()
+    z, lr = fastvae.sample_log_weights(mu, lv, num_samples=2, backend=backend)
+    assert z.shape == (2, 5, 3) and lr.shape == (2, 5) and z.dtype == torch.float32
+    _objective(z, lr, 0.2).backward()
+    assert lv.grad.shape == (1, 3) and lv.grad.dtype == torch.float16
+    eps = ((z.detach() - mu.detach()) / torch.exp(0.5 * lv.detach().float())).double()
+    x64 = [mu.detach().double().requires_grad_(), lv.detach().double().requires_grad_()]
+    _formula64(*x64, eps, 0.2).backward()
+    torch.testing.assert_close(mu.grad.double(), x64[0].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lv.grad.double(), x64[1].grad, rtol=1e-2, atol=1e-2)
+    ll = torch.randn(4, 3, device=DEVICE, dtype=torch.float16)
+    shared = torch.randn(4, 1, device=DEVICE)
+    out = fastvae.iwae_bound(ll, shared)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    torch.testing.assert_close(out.double(), torch.logsumexp(ll.double() + shared.double(), 0) - math.log(4))

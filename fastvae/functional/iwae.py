@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import check_generator, check_num_samples, check_tensor, use_triton
+from .._checks import (
+    ShapeError,
+    broadcast_pair,
+    check_generator,
+    check_num_samples,
+    check_same_device,
+    check_tensor,
+    use_triton,
+)
 from .gaussian import _check_posterior, _eps
 
 __all__ = ["sample_log_weights", "iwae_bound", "estimate_log_likelihood"]
@@ -34,10 +42,13 @@ def sample_log_weights(
                         = sum over all dims but the batch dim of 0.5 (eps^2 - z^2 + logvar)
 
     On the Triton path one kernel draws eps, writes z and reduces the log-ratio per row; backward regenerates
-    eps. Differentiable in mu and logvar through both outputs. log_ratio is fp32 for 16-bit inputs.
+    eps. Differentiable in mu and logvar through both outputs (create_graph=True and torch.func.grad give the
+    formula's higher derivatives). log_ratio is fp32 for 16-bit inputs. mu and logvar broadcast together as in
+    the formula (a shared (1, D) logvar): z has their broadcast shape, B its dim 0; they may differ in
+    floating dtype (z in the promoted one). No host sync.
     """
-    _check_posterior(mu, logvar)
-    if mu.dim() == 0:
+    shape = _check_posterior(mu, logvar)
+    if len(shape) == 0:
         raise ValueError("mu must have a batch dim (dim 0): got a 0-d tensor")
     if num_samples is None:
         raise TypeError("num_samples must be an int >= 1, got None")
@@ -46,9 +57,13 @@ def sample_log_weights(
     if use_triton(backend, mu, logvar):
         from .. import _triton
 
+        out_dtype = reference.dtypes(mu, logvar)[0]
+        # the op takes one shape: broadcast inputs as expanded views (autograd's expand backward sums back)
+        mu = mu if mu.shape == shape else mu.expand(shape)
+        logvar = logvar if logvar.shape == shape else logvar.expand(shape)
         return _triton.sample_log_weights(mu, logvar, num_samples=num_samples, generator=generator,
-                                          out_dtype=reference.dtypes(mu, logvar)[0])
-    return reference.sample_log_weights(mu, logvar, _eps(mu, num_samples, generator))
+                                          out_dtype=out_dtype)
+    return reference.sample_log_weights(mu, logvar, _eps(mu, shape, num_samples, generator))
 
 
 def iwae_bound(log_likelihood: Tensor, log_ratio: Tensor) -> Tensor:
@@ -58,15 +73,20 @@ def iwae_bound(log_likelihood: Tensor, log_ratio: Tensor) -> Tensor:
 
     ``log_likelihood`` is log p(x|z) (not its negation), e.g. ``-gaussian_nll_loss(..., reduction="per_sample")``
     reshaped to (K, B). A stable logsumexp; its gradient weights each sample by its normalized importance weight.
+    The two broadcast as in ``log_likelihood + log_ratio`` (torch's promotion gives the dtype) to a (K, B)
+    shape; shapes that do not broadcast raise ``ShapeError`` (a ValueError and torch's RuntimeError). Plain
+    torch ops: any order of derivatives, torch.func, torch.compile.
     """
     check_tensor("log_likelihood", log_likelihood)
     check_tensor("log_ratio", log_ratio)
-    if log_likelihood.dim() != 2 or log_likelihood.shape != log_ratio.shape:
-        raise ValueError(
-            "log_likelihood and log_ratio must both have shape (K, B): got log_likelihood "
+    check_same_device(log_likelihood=log_likelihood, log_ratio=log_ratio)
+    shape = broadcast_pair("log_likelihood", log_likelihood, "log_ratio", log_ratio)
+    if len(shape) != 2:
+        raise ShapeError(
+            "log_likelihood and log_ratio must broadcast to a shape (K, B): got log_likelihood "
             f"{tuple(log_likelihood.shape)} and log_ratio {tuple(log_ratio.shape)}"
         )
-    if log_likelihood.shape[0] == 0:
+    if shape[0] == 0:
         raise ValueError("log_likelihood must hold at least one sample (K >= 1)")
     return reference.iwae_bound(log_likelihood, log_ratio)
 
@@ -98,12 +118,12 @@ def estimate_log_likelihood(
     check_tensor("x", x)
     with torch.no_grad():
         mu, logvar = encode(x)
-        _check_posterior(mu, logvar)
-        if mu.dim() == 0 or mu.shape[0] != x.shape[0]:
+        shape = _check_posterior(mu, logvar)
+        if len(shape) == 0 or shape[0] != x.shape[0]:
             raise ValueError(f"encode(x) must give mu of shape (B, ...) with B = {x.shape[0]}: got {tuple(mu.shape)}")
         if chunk_size is None:
-            chunk_size = max(1, min(num_samples, CHUNK_ELEMENTS // max(mu.numel(), 1)))
-        batch = mu.shape[0]
+            chunk_size = max(1, min(num_samples, CHUNK_ELEMENTS // max(math.prod(shape), 1)))
+        batch = shape[0]
         running_max = torch.full((batch,), -math.inf, dtype=torch.float64, device=mu.device)
         running_sum = torch.zeros(batch, dtype=torch.float64, device=mu.device)
         for start in range(0, num_samples, chunk_size):
