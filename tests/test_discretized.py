@@ -883,14 +883,17 @@ def allocations(monkeypatch):
 STRIDED = [c[0] for c in _strided_mixtures()]
 
 
-@pytest.mark.parametrize("reduction", ["none", "per_sample", "sum"])
+@pytest.mark.parametrize("reduction, dtype", [("none", torch.float32), ("per_sample", torch.float32),
+                                              ("sum", torch.float32), ("none", torch.float16),
+                                              ("sum", torch.bfloat16)])
 @pytest.mark.parametrize("case", STRIDED)
-def test_strided_mixture_is_read_in_place(case, reduction, backend, request):
+def test_strided_mixture_is_read_in_place(case, reduction, dtype, backend, request):
     """VDVAE's permuted params, NVAE's layout in channels_last memory, a chunk of a wider output: the values
     and gradients of contiguous copies; on the kernel path with no copy of x or params, one params-sized
-    allocation (the gradient) and the gradient (and the sample) in the params' dim order."""
+    allocation (the gradient; fp16's is kept in fp32 and converted into a second) and the gradient (and
+    the sample) in the params' dim order."""
     name, layout, x, p = next(c for c in _strided_mixtures() if c[0] == case)
-    x, p = x.to(DEVICE), p.to(DEVICE)
+    x, p = x.to(DEVICE), p.to(DEVICE, dtype)
     expect_leaf = p.detach().contiguous().requires_grad_()
     expect = fastvae.discretized_mix_logistic_nll(x.contiguous(), expect_leaf, num_mixtures=2, layout=layout,
                                                   reduction=reduction, backend=backend)
@@ -910,23 +913,28 @@ def test_strided_mixture_is_read_in_place(case, reduction, backend, request):
         from fastvae._triton import common
 
         assert not copies, copies
-        assert sorted(n for n in allocs if n >= x.numel()) == [x.numel(), p.numel()], allocs  # sample, grad
+        grads = [p.numel()] * (2 if dtype == torch.float16 else 1)
+        assert sorted(n for n in allocs if n >= x.numel()) == [x.numel(), *grads], allocs  # sample, grad
         order = lambda t: sorted(range(t.dim()), key=lambda d: -t.stride(d))  # noqa: E731
         assert order(grad) == order(src) and common.dense(grad)
         assert order(sample) == order(src)
     # the kernels do the same arithmetic per pixel whatever the strides; autograd's eager sums may reorder
-    tol = dict(rtol=0, atol=0) if BACKEND == "triton" else dict(rtol=1e-5, atol=1e-4)
+    # (an ulp of a 16-bit gradient on the eager pass)
+    tol = dict(rtol=0, atol=0) if BACKEND == "triton" else dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 \
+        else dict(zip(("rtol", "atol"), TOL[dtype]))
     torch.testing.assert_close(out, expect, **tol)
     torch.testing.assert_close(grad, expect_grad, **tol)
     assert torch.equal(sample, expect_sample)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["none", "per_sample"])
 @pytest.mark.parametrize("kind", ONE_KINDS)
-def test_one_component_channels_last_is_read_in_place(kind, reduction, backend, request):
+def test_one_component_channels_last_is_read_in_place(kind, reduction, dtype, backend, request):
     """x, mean and log_scale in the channels_last memory format: walked in memory order, no copy, outputs
-    and gradients channels_last, the values of contiguous copies."""
-    x, (mean, _), (ls, _) = _one_component(kind, (2, 3, 2, 2), torch.float32)
+    and gradients channels_last (fp16's gradients too, kept in fp32 until grad_output), the values of
+    contiguous copies."""
+    x, (mean, _), (ls, _) = _one_component(kind, (2, 3, 2, 2), dtype)
     x, mean, ls = (t.detach().contiguous(memory_format=torch.channels_last) for t in (x, mean, ls))
     expect_leaves = [t.contiguous().requires_grad_() for t in (mean, ls)]
     expect = _one_fn(kind)(x.contiguous(), *expect_leaves, reduction=reduction, backend=backend)
@@ -944,7 +952,8 @@ def test_one_component_channels_last_is_read_in_place(kind, reduction, backend, 
             assert out.stride() == x.stride()
     # per element the same arithmetic; a per-sample sum runs in memory order, a contiguous copy's in its own
     exact = BACKEND == "triton" and reduction == "none"
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-5)
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-5) if dtype == torch.float32 \
+        else dict(zip(("rtol", "atol"), TOL[dtype]))
     torch.testing.assert_close(out, expect, **tol)
     for a, e in zip(grads, expect_grads):
         torch.testing.assert_close(a, e, **tol)
