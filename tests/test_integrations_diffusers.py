@@ -27,6 +27,25 @@ def test_missing_library_names_the_extra(monkeypatch):
         fv_diffusers.apply()
 
 
+def test_import_does_not_import_diffusers():
+    """Importing the integration costs nothing: diffusers is imported by apply() alone."""
+    import subprocess
+    from pathlib import Path
+
+    code = "import sys, fastvae.integrations.diffusers; assert 'diffusers' not in sys.modules, 'imported'"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_backend_patches_nothing():
+    import fastvae.integrations.diffusers as fv_diffusers
+
+    with pytest.raises(ValueError, match="backend must be"):
+        fv_diffusers.apply(backend="cuda")
+    assert not fv_diffusers._patches.applied
+
+
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
@@ -171,3 +190,54 @@ def test_training_step_runs_patched(patched):
     # AutoencoderKL's own forward samples the patched posterior too
     out = model(x, sample_posterior=True, generator=torch.Generator(device=DEVICE).manual_seed(0)).sample
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_class_keeps_diffusers_semantics(patched, dtype):
+    """The class diffusers now builds against diffusers' own on the same parameters: dtypes (bf16 parameters,
+    a float64 prior, uint8 pixels promote as torch does), broadcasting (a shared prior, a batch of priors,
+    a broadcasting sample), the deterministic posterior, values to the path's tolerance."""
+    ours_cls = vars(diffusers_vae)["DiagonalGaussianDistribution"]
+    assert ours_cls is not DiffusersPosterior
+    p = torch.randn(3, 8, 4, 4, device=DEVICE).to(dtype)
+    one = torch.randn(1, 8, 4, 4, device=DEVICE).to(dtype)
+    p64 = torch.randn(3, 8, 4, 4, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(1, 4, 4, 4, device=DEVICE)
+    pixels = torch.randint(0, 255, (3, 4, 4, 4), dtype=torch.uint8, device=DEVICE)
+    tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    cases = {
+        "kl": lambda c: c(p).kl(),
+        "kl_shared_prior": lambda c: c(p).kl(c(one)),
+        "kl_batch_of_priors": lambda c: c(one).kl(c(p)),
+        "kl_float64_prior": lambda c: c(p).kl(c(p64)),
+        "nll_broadcast": lambda c: c(p).nll(x),
+        "nll_pixels": lambda c: c(p).nll(pixels),
+        "mode": lambda c: c(p).mode(),
+        "std": lambda c: c(p).std,
+        "deterministic_kl": lambda c: c(p, deterministic=True).kl(),
+        "deterministic_sample": lambda c: c(p, deterministic=True).sample(),
+    }
+    for name, case in cases.items():
+        ours, theirs = case(ours_cls), case(DiffusersPosterior)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and ours.device == theirs.device, name
+        scale = max(1.0, theirs.abs().max().item())
+        torch.testing.assert_close(ours, theirs, rtol=tol[0], atol=tol[1] * scale, msg=name)
+    z = ours_cls(p).sample(generator=torch.Generator(device=DEVICE).manual_seed(0))
+    assert z.dtype == dtype and z.shape == (3, 4, 4, 4)
+
+
+def test_apply_without_backend_follows_the_global_setting():
+    """apply() with no backend installs fastvae's class itself: each posterior follows fastvae.set_backend at
+    its calls (here "torch": diffusers' numbers for the same generator)."""
+    import fastvae
+
+    fv_diffusers.apply()
+    try:
+        assert vars(diffusers_vae)["DiagonalGaussianDistribution"] is distributions.DiagonalGaussianDistribution
+        p = torch.randn(2, 8, 3, 3, device=DEVICE)
+        with fastvae.use_backend("torch"):
+            ours = diffusers_vae.DiagonalGaussianDistribution(p).sample(torch.Generator(DEVICE).manual_seed(1))
+        theirs = DiffusersPosterior(p).sample(torch.Generator(DEVICE).manual_seed(1))
+        assert torch.equal(ours, theirs)
+    finally:
+        fv_diffusers.revert()

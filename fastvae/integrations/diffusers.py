@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from .._checks import _check_backend
 from ..distributions import DiagonalGaussianDistribution
 from . import Patches, require
 
@@ -36,7 +37,11 @@ def _with_backend(backend: str | None) -> type:
 
 def apply(backend: str | None = None) -> list[str]:
     """Swap diffusers' DiagonalGaussianDistribution for fastvae's in every diffusers module that holds it;
-    returns those modules' names. ``backend`` as fastvae's functions take it (None: the kernels on CUDA)."""
+    returns those modules' names. ``backend`` as fastvae's functions take it: None (the default) installs
+    fastvae's class itself, whose calls follow ``fastvae.set_backend`` (by default the kernels on CUDA);
+    "torch" or "triton" a subclass pinned to it. The class keeps diffusers' shapes, broadcasting (a prior or a
+    sample of another batch shape) and dtype promotion; see ``fastvae.distributions``."""
+    _check_backend(backend)  # before anything is patched
     require("diffusers", "diffusers", "diffusers")
     revert()
     _, original = _patches.lookup(_MODULE, _NAME)
