@@ -68,8 +68,12 @@ def _calls(device: torch.device) -> dict:
     def lfq():
         return fastvae.lookup_free_quantize(leaf(r(8, 5)) * 0.02, backend="triton").loss
 
+    def fsq():
+        return fastvae.finite_scalar_quantize(leaf(r(2, 3, 4, 4)), [8, 5, 5], dim=1, histogram=True,
+                                              backend="triton").quantized.sum()
+
     return {"sample_kl": sample_kl, "nll": nll, "bce": bce, "poisson": poisson, "zinb": zinb, "dmol": dmol,
-            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq}
+            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq, "fsq": fsq}
 
 
 @triton_only

@@ -29,3 +29,6 @@ __all__ += ["vq_search"]
 from .lfq import lfq_codebook_entropy  # noqa: E402
 
 __all__ += ["lfq_codebook_entropy"]
+from .fsq import fsq  # noqa: E402
+
+__all__ += ["fsq"]

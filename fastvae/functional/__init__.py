@@ -58,3 +58,6 @@ __all__ += ["CodebookEMA", "CodebookUsage", "VQ_PRESETS", "VQOutput", "codebook_
 from .lfq import LFQOutput, lookup_free_quantize  # noqa: E402
 
 __all__ += ["LFQOutput", "lookup_free_quantize"]
+from .fsq import FSQOutput, finite_scalar_quantize  # noqa: E402
+
+__all__ += ["FSQOutput", "finite_scalar_quantize"]

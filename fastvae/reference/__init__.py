@@ -56,3 +56,6 @@ __all__ += ["code_sums", "codebook_usage", "ema_codebook", "gather_codes", "rota
 from . import lfq  # noqa: E402
 
 __all__ += ["lfq"]
+from . import fsq  # noqa: E402
+
+__all__ += ["fsq"]
