@@ -34,5 +34,17 @@ def distributed_rank(rank: int, world: int, init: str, backend: str, rows: int) 
                                                backend=backend)
             for a, e in zip(per[:3], ref_per[:3]):
                 torch.testing.assert_close(a, e[mine], rtol=1e-5, atol=1e-5)
+        # unequal row counts: found (a ValueError on every rank, before any gather) when value checks are on
+        fastvae.set_default_validate_args(True)
+        try:
+            short = [t[mine][: rows - rank] for t in (z_all, mu_all, lv_all)]
+            try:
+                fastvae.tc_decomposition(*short, dataset_size=100, group=dist.group.WORLD, backend=backend)
+            except ValueError as e:
+                assert "same number of rows" in str(e), e
+            else:
+                raise AssertionError("unequal rows not reported")
+        finally:
+            fastvae.set_default_validate_args(None)
     finally:
         dist.destroy_process_group()
