@@ -373,11 +373,20 @@ def test_nll_strided_inputs():
     _assert_close(x.grad, gx, 1e-5, 1e-7)
 
 
-def test_negative_var_detected_by_the_kernel():
+def test_negative_var_raises_on_the_kernel_path_and_is_nan_unchecked():
+    """The host check (torch's ValueError) where validation runs; unchecked, the kernel writes NaN for the
+    element (no device-side flag or assert). More in test_gaussian_dropin."""
     var = torch.rand(32, 4, device=DEVICE) + 0.1
     var[3, 2] = -0.5
     with pytest.raises(ValueError, match="var has negative entry"):
         fastvae.gaussian_nll_loss(_randn(32, 4), _randn(32, 4), var, backend="triton")
+    previous = fastvae.get_default_validate_args()
+    fastvae.set_default_validate_args(False)
+    try:
+        loss = fastvae.gaussian_nll_loss(_randn(32, 4), _randn(32, 4), var, reduction="none", backend="triton")
+    finally:
+        fastvae.set_default_validate_args(previous)
+    assert torch.isnan(loss[3, 2]) and torch.isfinite(loss[var >= 0]).all()
 
 
 class _TinyVAE(torch.nn.Module):
