@@ -237,7 +237,9 @@ def _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, sa_r, sa_c, sb_r, sb_c, BLOCK_
         dot = tl.dot(a, tl.trans(b), dot, input_precision="tf32x3")
         na += tl.sum(a * a, axis=1)
         nb += tl.sum(b * b, axis=1)
-    return tl.maximum(na[:, None] + nb[None, :] - 2.0 * dot, 0.0)
+    # the clamp (rounding can take the expansion below 0) keeps a NaN: the GPU's plain max returns the other
+    # operand, which would turn a NaN input into a finite distance and a finite, wrong loss
+    return tl.maximum(na[:, None] + nb[None, :] - 2.0 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

@@ -766,3 +766,18 @@ def test_forced_wide_offsets_are_bitwise_equal(monkeypatch):
     assert counts["tc_fwd_kernel"] == 1 and counts["mmd_bwd_kernel"] == 6
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nan_input_gives_nan(family, backend):
+    """An invalid (NaN) input element gives NaN in the loss and in the gradients it reaches, never a finite
+    value (the MMD's distance clamp keeps NaN on the GPU too); no exception, no device assert."""
+    loss, make = FAMILIES[family]
+    xs = make()
+    xs[1][2, 1] = float("nan")  # mu (tc) or y (mmd)
+    xs = [t.requires_grad_() for t in xs]
+    out = loss(*xs, backend)
+    out.backward()
+    assert torch.isnan(out)
+    for t in xs:
+        assert torch.isnan(t.grad).any()
