@@ -148,6 +148,63 @@ def test_second_order_posterior_matches_float64(op, lv_shape, backend):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
+@kernels_only
+@pytest.mark.parametrize("case", ["log_weights", "ldm_clamped", "normal_scale"])
+def test_second_order_other_sampler_forms(case):
+    """The same op serves the log importance ratios, ldm's clamped posterior (split parameters) and
+    torch.distributions' Normal (standard deviations): their create_graph gradients against float64 formulas
+    with the kernel's eps."""
+    from fastvae.distributions import DiagonalGaussianDistribution, Normal
+
+    p0 = _randn(2, 6, 2, 2)
+    p0[0, 3, 0, 0] = 25.0  # one clamped logvar: torch.clamp's zero gradient there
+    w = _randn(3, 2, 3, 2, 2)
+
+    def objective(p, ours):
+        mu, raw = p.chunk(2, dim=1)
+        if case == "normal_scale":
+            raw = raw.abs() + 0.5
+        if ours:
+            torch.manual_seed(6)
+            if case == "log_weights":
+                z, lr = fastvae.sample_log_weights(mu, raw, num_samples=3, backend="triton")
+                return (z * w).sum() + (lr * w[:, :, 0, 0, 0]).sum()
+            if case == "ldm_clamped":
+                dist = DiagonalGaussianDistribution(p, backend="triton")
+                return (dist.sample() * w[0]).sum() + dist.kl().sum()
+            q = Normal(mu, raw, backend="triton")
+            prior = Normal(torch.zeros_like(mu), torch.ones_like(raw), backend="triton")
+            return (q.rsample((3,)) * w).sum() + torch.distributions.kl_divergence(q, prior).sum()
+        k = 1 if case == "ldm_clamped" else 3
+        torch.manual_seed(6)
+        eps = fastvae.reparameterize(torch.zeros(2, 3, 2, 2, device=DEVICE), torch.zeros(2, 3, 2, 2, device=DEVICE),
+                                     num_samples=None if k == 1 else k, backend="triton").double()
+        if case == "normal_scale":
+            std, lv = raw, 2 * torch.log(raw)
+        else:
+            lv = torch.clamp(raw, -30.0, 20.0) if case == "ldm_clamped" else raw
+            std = torch.exp(0.5 * lv)
+        z = mu + std * eps
+        if case == "log_weights":
+            lr = (0.5 * (eps * eps - z * z + lv)).flatten(2).sum(2)
+            return (z * w.double()).sum() + (lr * w[:, :, 0, 0, 0].double()).sum()
+        kl = 0.5 * (torch.exp(lv) + mu * mu - 1 - lv)
+        return (z * (w[0] if k == 1 else w).double()).sum() + kl.sum()
+
+    results = []
+    for dtype, ours in ((torch.float32, True), (torch.float64, False)):
+        p = _leaf(p0.to(dtype))
+        with count_launches("sample_kl_fwd_kernel") as counts:
+            obj = objective(p, ours)
+            g, = torch.autograd.grad(obj, p, create_graph=True)
+            assert g.requires_grad
+            (obj + g.pow(2).sum()).backward()
+        assert counts["sample_kl_fwd_kernel"] > 0 or not ours
+        results.append((obj.detach(), p.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
 def test_torch_func_grad_and_vmap(backend):
     """torch.func transforms run the eager path (setup_context Function, generated vmap rule) with the
     numbers of plain autograd."""
