@@ -132,6 +132,36 @@ def test_autocast_runs_losses_in_fp32_on_the_kernels(dtype, backend):
     _close(kl, reference.gaussian_kl(mu.double(), lv.double(), reduction="batchmean"), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_autocast_integer_target_and_shared_logvar(dtype, backend):
+    """uint8 pixels against a 16-bit decoder output under autocast (fp32 loss, torch's promotion of the
+    integer target, read by the kernel as it is), and a (1, D) logvar shared by a 16-bit batch of means."""
+    device_type = torch.device(DEVICE).type
+    x_hat = (torch.rand(8, 12, device=DEVICE) * 255).to(dtype).requires_grad_()
+    pixels = torch.randint(0, 256, (8, 12), device=DEVICE, dtype=torch.uint8)
+    mu, lv = _leaf((8, 4), dtype), _leaf((1, 4), torch.float32, 0.5)
+    with count_launches() as counts:
+        with torch.autocast(device_type, dtype=dtype):
+            recon = fastvae.gaussian_nll_loss(x_hat, pixels, 100.0, reduction="sum", backend=backend)
+            kl = fastvae.gaussian_kl(mu, lv, reduction="sum", backend=backend)
+        (recon + kl).backward()
+    _expect_kernels(counts, "gaussian_nll_fwd_kernel", "sample_kl_fwd_kernel")
+    assert recon.dtype == kl.dtype == torch.float32
+    assert x_hat.grad.dtype == mu.grad.dtype == dtype and lv.grad.dtype == torch.float32 and lv.grad.shape == (1, 4)
+    x64 = _twin(x_hat.double())
+    ref = F.gaussian_nll_loss(x64, pixels, torch.full((8, 12), 100.0, dtype=torch.float64, device=DEVICE),
+                              reduction="sum")
+    ref.backward()
+    _close(recon, ref, torch.float32)
+    _close(x_hat.grad, x64.grad, dtype)
+    m64, l64 = _twin(mu.double()), _twin(lv.double())
+    kl64 = reference.gaussian_kl(m64, l64, reduction="sum")
+    kl64.backward()
+    _close(kl, kl64, torch.float32)
+    _close(mu.grad, m64.grad, dtype)
+    _close(lv.grad, l64.grad, torch.float32)
+
+
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).norm() / expected.norm()).item()
 
