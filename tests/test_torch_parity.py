@@ -41,6 +41,26 @@ def test_torch_sample_inputs(dtype, backend, device):
             torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
 
 
+def test_torch_sample_inputs_second_order(backend, device):
+    """A gradient penalty through every fourth OpInfo sample (create_graph=True): torch's second-order
+    gradients, on the kernels too (fp32)."""
+    samples = list(sample_inputs_gaussian_nll_loss(None, device, torch.float32, requires_grad=True))[::4]
+    for sample in samples:
+        results = []
+        for ours in (True, False):
+            leaves = _leaves(sample)
+            if ours:
+                loss = fastvae.gaussian_nll_loss(*leaves, **sample.kwargs, backend=backend).sum()
+            else:
+                loss = F.gaussian_nll_loss(*leaves, **sample.kwargs).sum()
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            penalty = sum(g.pow(2).sum() for g in grads if g.requires_grad)
+            (loss + penalty).backward()
+            results.append([t.grad for t in leaves])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, s=sample: f"{s}: {m}")
+
+
 def test_torch_error_inputs(backend, device):
     errors = list(error_inputs_gaussian_nll_loss(None, device))
     assert errors
