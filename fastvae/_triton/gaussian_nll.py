@@ -2,7 +2,10 @@
 
 Each tensor is loaded in its own dtype and computed in fp32; the loss comes out in torch's promoted dtype
 (fp32 under autocast, as torch's losses), each gradient in its input's dtype. The gradient the forward writes
-is kept in ``common.grad_dtype`` until grad_output arrives.
+is kept in ``common.grad_dtype`` until grad_output arrives; under ``create_graph=True`` backward instead
+differentiates the eager formula on the saved inputs (second-order terms). A dense input of any layout
+(channels_last, a transpose) is walked in memory order through a permuted view, the loss per element and the
+gradients coming back in its layout. An integer target is loaded as it is.
 """
 
 import math

@@ -1,7 +1,10 @@
 """Reparameterized sampling fused with the KL: launches of ``kernels/sampling.py`` as custom ops.
 
 eps is drawn inside the kernel from a seed that torch's generator draws into a one-element device tensor and
-regenerated in backward: the seed (8 bytes) is all the noise costs in memory.
+regenerated in backward: the seed (8 bytes) is all the noise costs in memory. Under ``create_graph=True``
+backward regenerates eps as a tensor (the op's z for mu = 0, logvar = 0) and differentiates the formulas with
+the graph kept. mu and logvar broadcast (expanded views, copied in the op); the two halves of one tensor
+(``h.chunk(2, dim)``) are read in place.
 """
 
 import math
