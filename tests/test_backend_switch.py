@@ -128,6 +128,7 @@ def test_modules_read_the_setting_at_each_call(kernels_stand_in):
 
 
 def test_use_backend_restores_on_exceptions():
+    previous = fastvae.get_backend()
     fastvae.set_backend("torch")
     try:
         with pytest.raises(KeyError):
@@ -140,14 +141,15 @@ def test_use_backend_restores_on_exceptions():
                 pass
         assert fastvae.get_backend() == "torch"
     finally:
-        fastvae.set_backend(None)
+        fastvae.set_backend(previous)
 
 
 @pytest.mark.parametrize("bad", ["cuda", "Triton", "", 1, True])
 def test_invalid_values_raise_value_error(bad):
+    previous = fastvae.get_backend()
     with pytest.raises(ValueError, match="backend must be None, 'torch' or 'triton'"):
         fastvae.set_backend(bad)
-    assert fastvae.get_backend() is None
+    assert fastvae.get_backend() == previous  # unchanged
     with pytest.raises(ValueError, match="backend must be"):
         fastvae.gaussian_kl(_t(2, 2), _t(2, 2), backend=bad)
     for build in (lambda: fnn.GaussianKL(backend=bad), lambda: fnn.ELBOLoss(backend=bad),

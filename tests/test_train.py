@@ -143,6 +143,7 @@ def test_prints_the_path_that_runs(monkeypatch, tmp_path, capsys):
     from fastvae import _checks
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(_checks, "_BACKEND", None)  # the default setting, whatever the environment says
     assert train.build_parser().parse_args([]).backend == "auto"
     assert train.resolve_backend("auto", cpu) == (None, "torch")
     assert train.resolve_backend("torch", cpu) == ("torch", "torch")
