@@ -68,6 +68,21 @@ def test_gaussian_kl_two_gaussians(dtype, reduction, prior_shape, backend, devic
     check(out, ref, dtype, [(mu, mu64), (lv, lv64), (mp, mp64), (lp, lp64)])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", [((20, 6), (1, 6)), ((20, 1), (20, 6)), ((6,), (20, 6))])
+@pytest.mark.parametrize("reduction", ["none", "sum", "per_sample"])
+def test_gaussian_kl_broadcast_posterior(dtype, shapes, reduction, backend, device):
+    """mu and logvar broadcast together, as the closed form does: the KL over the broadcast shape, each
+    gradient summed back to its input's shape."""
+    (mu, mu64), = _inputs(shapes[0], dtype, device, 1.0)
+    (lv, lv64), = _inputs(shapes[1], dtype, device, 0.7)
+    out = fastvae.gaussian_kl(mu, lv, reduction=reduction, backend=backend)
+    ref = _reduce(0.5 * (torch.exp(lv64) + mu64 ** 2 - 1 - lv64), reduction)
+    assert out.shape == ref.shape
+    backward_both(out, ref)
+    check(out, ref, dtype, [(mu, mu64), (lv, lv64)])
+
+
 def test_gaussian_kl_closed_form(backend, device):
     mu = torch.randn(64, 8, device=device)
     lv = torch.randn(64, 8, device=device) * 0.5
