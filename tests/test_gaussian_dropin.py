@@ -475,6 +475,35 @@ def test_nll_channels_last_read_in_memory_order(var_kind, reduction, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@kernels_only
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_nll_channels_last_allocates_only_outputs(monkeypatch, reduction):
+    """channels_last x_hat, target and var: the forward allocates the loss (per element for "none", else
+    partials), dloss/dx_hat and dloss/dvar, nothing else input-sized; backward scales them in place."""
+    from fastvae._triton import common
+
+    sizes = []
+    original = common.alloc
+
+    def alloc(like, shape, dtype=None):
+        sizes.append(math.prod(shape))
+        return original(like, shape, dtype)
+
+    monkeypatch.setattr(common, "alloc", alloc)
+    cl = torch.channels_last
+    x = _leaf(_randn(2, 3, 4, 5).to(memory_format=cl))
+    t = _randn(2, 3, 4, 5).to(memory_format=cl)
+    var = _leaf((torch.rand(2, 3, 4, 5, device=DEVICE) + 0.3).to(memory_format=cl))
+    with _copies() as copies:
+        loss = fastvae.gaussian_nll_loss(x, t, var, reduction=reduction, backend="triton")
+        n = x.numel()
+        assert sum(s == n for s in sizes) == (3 if reduction == "none" else 2), sizes
+        sizes.clear()
+        (loss * torch.ones_like(loss)).sum().backward()
+    assert [s for s in sizes if s == n] == [] and copies == []
+    assert x.grad.is_contiguous(memory_format=cl) and var.grad.is_contiguous(memory_format=cl)
+
+
 # ------------------------------------------------------------------------------------------ 64 bit
 
 
