@@ -32,17 +32,22 @@ for one channel), writes the same 10M gradients (in the params' dtype, fp32 for 
 
 Special functions at the extremes. On the GPU tl.exp and tl.log compile to approximate instructions that
 flush subnormals to zero (the interpreter does not): no term here takes the log of a value that can be
-subnormal or divides by one. log sigmoid(v) = min(v, 0) - log1p(e^-|v|) (no inf - inf, no log of a
-sigmoid); log expm1(w) below w = 1/2 is log w + log(expm1(w) / w) with log w = log(2h) - s passed in the log
-domain (w = 2h e^-s is subnormal for s past ~80); its derivative is kept as w d/dw log expm1(w) =
-w / (1 - e^-w) (-> 1 as w -> 0, where d/dw alone overflows); a bin holding most of the mass (a > 0 > b, w > 1)
-is log1p(-(sigmoid(-a) + sigmoid(b))), where log expm1(w) + log sigmoid(b) + log sigmoid(-a) would cancel
-terms of size w; tanh(c) and 1 - tanh(c)^2 = 4 e / (1 + e)^2 come from e = e^-2|c| (no 1 - tanh^2
-cancellation). Every exp whose result a GPU may flush (e^-|v| past |v| ~ 87) then changes a sigmoid, a log1p
-or a sum of exponentials by less than 2^-126 absolutely. Clamps are tl.where on a comparison (a NaN falls
-through: tl.minimum / tl.maximum return the other operand on the GPU and here), and the IAF bin index uses
-IEEE division (tl.math.div_rn: an approximate x / binsize can land just below an integer and pick the bin
-below).
+subnormal or divides by one.
+
+- log sigmoid(v) = min(v, 0) - log1p(e^-|v|): no inf - inf, no log of a sigmoid.
+- log expm1(w) below w = 1/2 is log w + log(expm1(w) / w), log w = log(2h) - s passed in the log domain
+  (w = 2h e^-s is subnormal for s past ~80); its derivative is kept as w d/dw log expm1(w) = w / (1 - e^-w)
+  (-> 1 as w -> 0, where d/dw alone overflows and 0 * inf made IAF's log-scale gradient NaN).
+- A bin holding most of the mass (a > 0 > b, w > 1) is log1p(-(sigmoid(-a) + sigmoid(b))), where
+  log expm1(w) + log sigmoid(b) + log sigmoid(-a) would cancel terms of size w (the one-component kernels,
+  whose w is unbounded; the mixture's is below 9 and leaves the form out).
+- tanh(c) and 1 - tanh(c)^2 = 4 e / (1 + e)^2 from e = e^-2|c| (no 1 - tanh^2 cancellation).
+- DDPM's cubic past |v| = 1e4 (it overflows at 7e12) is not formed: the CDF is 0 or 1 there.
+
+Every exp whose result a GPU may flush (e^-|v| past |v| ~ 87) then changes a sigmoid, a log1p or a sum of
+exponentials by less than 2^-126 absolutely. Clamps are tl.where on a comparison (a NaN falls through:
+tl.minimum / tl.maximum return the other operand on the GPU and here), and the IAF bin index uses IEEE
+division (tl.math.div_rn: an approximate x / binsize can land just below an integer, one bin too low).
 
 Invalid images: an x outside its range, or NaN, gives NaN in the loss of its pixel (element) and in every
 gradient of that pixel's parameters: the reduction's scale becomes NaN there. No device assert.
@@ -120,26 +125,29 @@ def _log_expm1(w, log_w):
 
 
 @triton.jit
-def _log_bin(a, b, w, log_w):
+def _log_bin(a, b, w, log_w, STRADDLE: tl.constexpr):
     """log(sigmoid(a) - sigmoid(b)) for a = b + w, w >= 0 (see the module docstring), with the partial
     derivatives of its parts: returns (lp, dlp/da, dlp/db, w dlp/dw) with a, b, w taken as independent;
-    also log sigmoid(a), sigmoid(-a), log sigmoid(-b), sigmoid(b) for the edge bins."""
+    also log sigmoid(a), sigmoid(-a), log sigmoid(-b), sigmoid(b) for the edge bins. STRADDLE: the form of
+    a wide bin over the centre, where w is unbounded (the mixture's w = 2h e^-s is at most 2 e^7 / 255 < 9:
+    the three terms then cancel to a few ulps of 9, and it leaves the form out)."""
     lsa, lsna, sa, sna = _log_sigmoids(a)
     lsb, lsnb, sb, snb = _log_sigmoids(b)
     lem1, wdw = _log_expm1(w, log_w)
     lp = lem1 + lsb + lsna
     da = -sa
     db = snb
-    # most of the mass inside (the bin straddles the centre, w > 1): 1 - sigmoid(-a) - sigmoid(b), a
-    # function of a and b alone (its w-derivative is 0)
-    wide = (a > 0.0) & (b < 0.0) & (w > 1.0)
-    tails = sna + sb
-    lp_w = log1p(-tails)
-    inv_d = 1.0 / (1.0 - tails)
-    lp = tl.where(wide, lp_w, lp)
-    da = tl.where(wide, sa * sna * inv_d, da)
-    db = tl.where(wide, -sb * snb * inv_d, db)
-    wdw = tl.where(wide, 0.0, wdw)
+    if STRADDLE:
+        # most of the mass inside (the bin straddles the centre, w > 1): 1 - sigmoid(-a) - sigmoid(b), a
+        # function of a and b alone (its w-derivative is 0)
+        wide = (a > 0.0) & (b < 0.0) & (w > 1.0)
+        tails = sna + sb
+        lp_w = log1p(-tails)
+        inv_d = 1.0 / (1.0 - tails)
+        lp = tl.where(wide, lp_w, lp)
+        da = tl.where(wide, sa * sna * inv_d, da)
+        db = tl.where(wide, -sb * snb * inv_d, db)
+        wdw = tl.where(wide, 0.0, wdw)
     return lp, da, db, wdw, lsa, sna, lsnb, sb
 
 
@@ -152,7 +160,7 @@ def _logistic_channel(xc, mean, ls_raw, half_bin, log_two_h, log_half_levels, CL
     plus = inv * (cen + half_bin)
     minus = inv * (cen - half_bin)
     w = (2.0 * half_bin) * inv
-    lp_mid, da, db, wdw, ls_p, sig_np, ls_nm, sig_m = _log_bin(plus, minus, w, log_two_h - ls)
+    lp_mid, da, db, wdw, ls_p, sig_np, ls_nm, sig_m = _log_bin(plus, minus, w, log_two_h - ls, False)
     # mid bins: d/dcentred = inv (da + db) (w does not move), d/ds = -(plus da + minus db) - w dw
     gc_mid = inv * (da + db)
     gs_mid = -(plus * da + minus * db) - wdw
@@ -362,7 +370,7 @@ def discretized_fwd_kernel(
         cen = tl.floor(tl.math.div_rn(x, bin_param)) * bin_param - mean
         b = inv * cen
         w = bin_param * inv
-        lp_bin, da, db, wdw, _, _, _, _ = _log_bin(b + w, b, w, log_bin - ls)
+        lp_bin, da, db, wdw, _, _, _, _ = _log_bin(b + w, b, w, log_bin - ls, True)
         delta = tl.exp(lp_bin)
         lp = tl.log(delta + 1e-7)
         f = delta / (delta + 1e-7)
@@ -387,7 +395,7 @@ def discretized_fwd_kernel(
         d = (2.0 * bin_param) * inv
         w = TWO_SQRT_2_OVER_PI * d * q1  # tp - tm without the subtraction
         log_w = (log_bin - ls) + tl.log(q1 * TWO_SQRT_2_OVER_PI)
-        lp_mid, da, db, wdw, ls_a, sig_na, ls_nb, sig_b = _log_bin(tp, tm, w, log_w)
+        lp_mid, da, db, wdw, ls_a, sig_na, ls_nb, sig_b = _log_bin(tp, tm, w, log_w, True)
         dtp = TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * plus * plus)
         dtm = TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * minus * minus)
         # w dlp/dw times (dw/dcentred) / w and (dw/ds) / w
