@@ -138,6 +138,9 @@ CASES: dict[str, Callable[[], None]] = {
         _inputs((2, 4, 3, 3), (40, 4))),
     "lfq: lookup_free_quantize": lambda: _compare(
         lambda z, b: fastvae.lookup_free_quantize(z, backend=b), _inputs((6, 5))),
+    "gumbel: gumbel_softmax_kl, sum": lambda: _compare(
+        lambda logits, b: fastvae.gumbel_softmax_kl(logits, reduction="sum", backend=b), _inputs((4, 7)),
+        sampled=True),
     "fsq: finite_scalar_quantize": lambda: _compare(
         lambda z, b: fastvae.finite_scalar_quantize(z, [8, 5, 5], backend=b), _inputs((6, 3))),
 }

@@ -1,7 +1,7 @@
 """What installing fastvae asks of a machine, and what the README tells a user to run.
 
-- fastvae's own requirements leave torch and triton to the user: one torch floor (which an installed torch of
-  any build satisfies as it is), no triton (a CUDA torch brings its own; the ``triton`` extra is for the
+- fastvae's own requirements leave torch and triton to the user: a torch floor (which an installed torch of
+  any build satisfies as it is) and numpy, no triton (a CUDA torch brings its own; the ``triton`` extra is for the
   interpreter on CPU), and ``import fastvae`` plus every op family's eager path work with triton absent;
 - the README installs from a checkout (the name on the package index is another project's) after the torch
   build the user picked;
@@ -39,9 +39,9 @@ def _name(requirement: str) -> str:
 TORCH_BUILD = {"torch", "torchvision", "torchaudio", "triton", "pytorch-triton", "pytorch-triton-rocm"}
 
 
-def test_dependencies_are_a_torch_floor_only():
+def test_dependencies_are_a_torch_floor_and_numpy():
     deps = _pyproject()["project"]["dependencies"]
-    assert [_name(d) for d in deps] == ["torch"], deps
+    assert [_name(d) for d in deps] == ["torch", "numpy"], deps
     # a floor with no upper bound, pin or local build tag: pip keeps any installed torch at or above it
     assert re.fullmatch(r"torch\s*>=\s*\d+(\.\d+)*", deps[0]), deps[0]
     assert not any(_name(d).startswith("nvidia-") for d in deps)
@@ -53,8 +53,7 @@ def test_only_the_triton_extra_names_triton_and_no_extra_names_a_torch_build():
         names = {_name(r) for r in reqs}
         allowed = {"triton"} if extra == "triton" else set()
         assert not (names & TORCH_BUILD) - allowed, (extra, reqs)
-    # the interpreter computes with numpy, which triton does not require
-    assert {_name(r) for r in extras["triton"]} == {"triton", "numpy"}
+    assert {_name(r) for r in extras["triton"]} == {"triton"}
     # the floor of the triton extra is what torch's floor pins, which ci/compat.sh installs together
     assert any(re.match(r"triton\s*>=\s*3\.3\b", r) for r in extras["triton"]), extras["triton"]
 
@@ -119,6 +118,7 @@ calls = {
     "vector_quantize": lambda: fastvae.vector_quantize(t(2, 4, 3, 3), t(16, 4), dim=1),
     "lookup_free_quantize": lambda: fastvae.lookup_free_quantize(t(6, 5)),
     "finite_scalar_quantize": lambda: fastvae.finite_scalar_quantize(t(6, 3), [8, 5, 5]),
+    "gumbel_softmax_kl": lambda: fastvae.gumbel_softmax_kl(t(4, 7)),
     "nn.ELBOLoss": lambda: fastvae.nn.ELBOLoss()(torch.rand(4, 3), torch.rand(4, 3), t(4, 2), t(4, 2)),
     "DiagonalGaussianDistribution": lambda: fastvae.distributions.DiagonalGaussianDistribution(t(2, 4, 3, 3)).kl(),
     "Normal.rsample": lambda: fastvae.distributions.Normal(t(4, 3), u(4, 3)).rsample(),
