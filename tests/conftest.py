@@ -4,6 +4,7 @@ them through ``TRITON_INTERPRET=1`` and on a GPU on CUDA tensors (``FASTVAE_TEST
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 
 BACKEND = os.environ.get("FASTVAE_TEST_BACKEND", "torch")
 DEVICE = os.environ.get("FASTVAE_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+# triton is not a requirement of fastvae (a CUDA torch brings its own, a CPU torch none): the kernel pass says so
+if BACKEND == "triton" and importlib.util.find_spec("triton") is None:
+    raise pytest.UsageError("FASTVAE_TEST_BACKEND=triton needs triton: pip install -e '.[triton]' (a CPU torch)")
 if BACKEND == "triton" and DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     raise pytest.UsageError("FASTVAE_TEST_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before start")
 
