@@ -1011,6 +1011,35 @@ def test_int64_offsets_give_the_same_numbers(monkeypatch):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+def test_int64_offsets_chosen_from_the_extent():
+    """The host picks WIDE from the largest element offset: a 3-channel image of 3000^2 pixels with M = 10
+    channels first keeps int32 (params' last offset 100 x 9e6 - 1), 5000^2 pixels pass 2^31 in the params
+    (k * spatial in the old kernel wrapped there) and take int64; a permuted params' strides count, not its
+    shape (metadata only: meta tensors)."""
+    pytest.importorskip("triton")
+    from fastvae._triton.discretized import _int64_offsets
+
+    meta = dict(device="meta")
+    small = torch.empty(1, 100, 3000, 3000, **meta)
+    assert not _int64_offsets(9_000_000 + 64, torch.empty(1, 3, 3000, 3000, **meta), small)
+    big = torch.empty(1, 100, 5000, 5000, **meta)
+    assert _int64_offsets(25_000_000 + 64, torch.empty(1, 3, 5000, 5000, **meta), big)
+    assert _int64_offsets(25_000_000 + 64, big.permute(0, 2, 3, 1))
+    assert _int64_offsets(2**31) and not _int64_offsets(2**31 - 1)  # the index bound itself (pixels, counters)
+
+
+@triton_only
+def test_sampler_key_uses_all_64_bits():
+    """Two keys that differ only in their high 32 bits draw different samples (Philox's second key word)."""
+    from fastvae._triton.discretized import _dmol_sample_op
+
+    p = _fixed_mixture(64, 3, "channels_last")
+    lo = torch.tensor([12345], dtype=torch.int64, device=DEVICE)
+    a = _dmol_sample_op(p, lo, 3, 3, False)
+    b = _dmol_sample_op(p, lo + (1 << 32), 3, 3, False)
+    assert torch.equal(a, _dmol_sample_op(p, lo.clone(), 3, 3, False)) and not torch.equal(a, b)
+
+
 @pytest.fixture
 def gpu_math(monkeypatch):
     """The GPU's fp32 tl.exp / tl.log / division as Triton compiles them (approximate instructions that flush

@@ -93,6 +93,12 @@ def _max_offset(t: Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
+def _int64_offsets(extent: int, *tensors: Tensor) -> bool:
+    """WIDE: whether an index (``extent``: pixels or Philox counters plus a program's padding) or any
+    element offset of ``tensors`` reaches 2^31, where the kernels' int32 products would wrap."""
+    return max([extent, *(_max_offset(t) for t in tensors)]) >= INT32_OFFSETS
+
+
 def _empty(like: Tensor, shape: "tuple[int, ...]", strides: "tuple[int, ...]", dtype: torch.dtype,
            fake: bool = False) -> Tensor:
     """A buffer of ``shape`` and dense ``strides``, from common.alloc (the tests' poisoning covers it)."""
@@ -177,7 +183,7 @@ def _dmol_op(
         pb, ps, pc = _decompose(tuple(params.shape), tuple(params.stride()), cdim)
         gb, gs, gc = _decompose(g_shape, tuple(g.stride()), cdim) if grad else (pb, ps, pc)
         flat = all(sb == ss * spatial for sb, ss in ((xb, xs), (pb, ps), (gb, gs)))
-        wide = max(n_pix + block, _max_offset(x), _max_offset(params), _max_offset(g)) >= INT32_OFFSETS
+        wide = _int64_offsets(n_pix + block, x, params, g)
         disc_k.dmol_fwd_kernel[(grid,)](
             x, params, loss, g, n_pix, spatial, xb, xs, xc, pb, ps, pc, gb, gs, gc,
             1.0 / levels, math.log(2.0 / levels), math.log(levels / 2.0), red.scale, red.row_len,
@@ -261,7 +267,7 @@ def _dmol_sample_op(params: Tensor, seed: Tensor, num_mixtures: int, channels: i
         pb, ps, pc = _decompose(tuple(params.shape), tuple(params.stride()), cdim)
         ob, os_, oc = _decompose(shape, tuple(out.stride()), cdim)
         flat = pb == ps * spatial and ob == os_ * spatial
-        wide = max((n_pix + block) * (mp + 1), _max_offset(params), _max_offset(out)) >= INT32_OFFSETS
+        wide = _int64_offsets((n_pix + block) * (mp + 1), params, out)
         disc_k.dmol_sample_kernel[(triton.cdiv(n_pix, block),)](
             params, seed, out, n_pix, spatial, pb, ps, pc, ob, os_, oc,
             M=num_mixtures, MP=mp, C=channels, FLAT=flat, WIDE=wide, BLOCK=block, num_warps=4,
@@ -336,7 +342,7 @@ def _disc_op(
         log_bin = math.log(bin_param) if kind == KIND_LOGISTIC else math.log(2.0 * bin_param)
         disc_k.discretized_fwd_kernel[(grid,)](
             x, mean, log_scale, loss, gm, gs, n, bin_param, log_bin, red.scale, red.row_len,
-            KIND=kind, GRAD_MEAN=grad_mean, GRAD_LS=grad_ls, WIDE=n + block >= INT32_OFFSETS,
+            KIND=kind, GRAD_MEAN=grad_mean, GRAD_LS=grad_ls, WIDE=_int64_offsets(n + block),
             **red.constexprs(block), BLOCK=block, num_warps=warps,
         )
     return red.finish(loss, block, out_dtype), gm, gs
