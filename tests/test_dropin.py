@@ -72,8 +72,12 @@ def _calls(device: torch.device) -> dict:
         return fastvae.finite_scalar_quantize(leaf(r(2, 3, 4, 4)), [8, 5, 5], dim=1, histogram=True,
                                               backend="triton").quantized.sum()
 
+    def gumbel():
+        y, kl = fastvae.gumbel_softmax_kl(leaf(r(2, 6, 3, 3)), 0.5, dim=1, backend="triton")
+        return (y * r(2, 6, 3, 3)).sum() + kl
+
     return {"sample_kl": sample_kl, "nll": nll, "bce": bce, "poisson": poisson, "zinb": zinb, "dmol": dmol,
-            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq, "fsq": fsq}
+            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq, "fsq": fsq, "gumbel": gumbel}
 
 
 @triton_only

@@ -32,3 +32,6 @@ __all__ += ["lfq_codebook_entropy"]
 from .fsq import fsq  # noqa: E402
 
 __all__ += ["fsq"]
+from .gumbel import gumbel_softmax  # noqa: E402
+
+__all__ += ["gumbel_softmax"]

@@ -61,3 +61,6 @@ __all__ += ["LFQOutput", "lookup_free_quantize"]
 from .fsq import FSQOutput, finite_scalar_quantize  # noqa: E402
 
 __all__ += ["FSQOutput", "finite_scalar_quantize"]
+from .gumbel import gumbel_softmax, gumbel_softmax_kl  # noqa: E402
+
+__all__ += ["gumbel_softmax", "gumbel_softmax_kl"]

@@ -59,3 +59,6 @@ __all__ += ["lfq"]
 from . import fsq  # noqa: E402
 
 __all__ += ["fsq"]
+from . import gumbel  # noqa: E402
+
+__all__ += ["gumbel"]
