@@ -70,7 +70,7 @@ def make_elbo(batch: int, dtype: torch.dtype, mode: str, device: torch.device) -
     return Batch((mu, logvar, x, w), (None,) if grad else ())
 
 
-@pytest.mark.formula
+@pytest.mark.by_hand
 def test_elbo(benchmark, bench, elbo_batch, dtype, mode, impl):
     case = Case("elbo", mode, impl, dtype, (elbo_batch, LATENT))
     itemsize = torch.empty((), dtype=dtype).element_size()

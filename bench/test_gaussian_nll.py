@@ -97,12 +97,12 @@ def run_nll(op: str, benchmark, bench: Bench, recon, dtype, mode, impl) -> None:
                  nbytes=min_bytes(op, mode, case.numel, itemsize))
 
 
-@pytest.mark.formula
+@pytest.mark.by_hand
 def test_nll_var_scalar(benchmark, bench, recon, dtype, mode, impl):
     run_nll("nll_var_scalar", benchmark, bench, recon, dtype, mode, impl)
 
 
-@pytest.mark.formula
+@pytest.mark.by_hand
 def test_nll_var(benchmark, bench, recon, dtype, mode, impl):
     run_nll("nll_var", benchmark, bench, recon, dtype, mode, impl)
 
@@ -116,7 +116,7 @@ def make_amp(shape: tuple[int, int], mode: str, device: torch.device) -> Batch:
     return Batch((x_hat, torch.rand(shape, device=device)), (None,) if mode == "fwdbwd" else ())
 
 
-@pytest.mark.formula
+@pytest.mark.by_hand
 def test_nll_amp_bf16_fp32(benchmark, bench, recon, mode, impl):
     """bf16 x_hat, fp32 x: ideally reads 2 + 4 bytes an element and writes the 2-byte gradient."""
     case = Case("nll_amp_bf16_fp32", mode, impl, torch.bfloat16, tuple(recon))

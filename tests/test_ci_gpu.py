@@ -177,6 +177,8 @@ def test_the_rest_phase_runs_every_benchmark_file():
     files = sorted(f"bench/{f}" for f in os.listdir(os.path.join(ROOT, "bench"))
                    if f.startswith("test_") and f.endswith(".py"))
     assert sorted(gpu.REST_FILES) == files
+    # the headline ops' grids (their small sizes first) before the other files
+    assert gpu.REST_FILES[:2] == ["bench/test_sampling.py", "bench/test_gaussian_nll.py"]
 
 
 def test_headline_numbers_take_the_device_time_and_the_best_reference(tmp_path):

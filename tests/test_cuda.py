@@ -250,6 +250,10 @@ OPS: dict[str, OpCall] = {
     "residual_vector_quantize": OpCall(
         "vq", lambda i: fv.residual_vector_quantize(i.randn(2, 4, 3, 3), i.randn(2, 16, 4), dim=1)),
     "lookup_free_quantize": OpCall("vq", lambda i: fv.lookup_free_quantize(i.randn(2, 6, 3, 3), dim=1)),
+    "finite_scalar_quantize": OpCall(
+        "vq", lambda i: fv.finite_scalar_quantize(i.randn(2, 3, 4, 4), [8, 5, 5], dim=1, histogram=True)),
+    "gumbel_softmax": OpCall("vq", lambda i: fv.gumbel_softmax(i.randn(2, 8, 3, 3), hard=True, dim=1), random=True),
+    "gumbel_softmax_kl": OpCall("vq", lambda i: fv.gumbel_softmax_kl(i.randn(2, 8, 3, 3), dim=1), random=True),
     "kmeans": OpCall("vq", lambda i: fv.kmeans(i.randn(64, 4, grad=False), 8, iters=3), random=True),
     "codebook_usage": OpCall("vq", lambda i: fv.codebook_usage(i.ints(16, 64), 16)),
     "codebook_ema_update": OpCall(
