@@ -54,9 +54,11 @@ HALF_LOG_2PI = tl.constexpr(0.9189385332046727)
 def _offsets(idx, d, stride_r, stride_c, WIDE: tl.constexpr):
     """Element offsets [len(idx), len(d)] of rows idx and columns d: int64 products under WIDE (a tensor of
     2^31 elements or more), int32 otherwise."""
+    # one return (a compiled jit function may not return int64 from one branch and int32 from another)
+    r, c = idx, d
     if WIDE:
-        return idx.to(tl.int64)[:, None] * stride_r + d.to(tl.int64)[None, :] * stride_c
-    return idx[:, None] * stride_r + d[None, :] * stride_c
+        r, c = idx.to(tl.int64), d.to(tl.int64)
+    return r[:, None] * stride_r + c[None, :] * stride_c
 
 
 @triton.jit

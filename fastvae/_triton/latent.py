@@ -167,7 +167,8 @@ def tc_log_densities(z: Tensor, mu: Tensor, logvar: Tensor, *, dataset_size: int
 # triton 3.6 or 3.9 (16 x 16 spills under 3.9); backward 32 x 32
 MMD_BLOCK_I, MMD_BLOCK_J, MMD_FWD_BLOCK_I, MMD_FWD_BLOCK_J, MMD_WARPS = 32, 32, 16, 32, 8
 MMD_FWD_SCALES = 2  # scales a forward launch sums: more (WAE's 7) spill under triton 3.6; the rest, more launches
-MMD_BWD_SCALES = 8  # the backward kernel's scalar scale arguments; more scales accumulate over launches
+MMD_BWD_SCALES = 8  # scales a backward launch sums (the kernel's 8 scalar arguments); more accumulate over launches
+MMD_BWD_SCALES_WIDE = 4  # with int64 offsets 8 scales spill on sm_90 (triton 3.9, a transposed input)
 
 
 def _mmd_k(dim: int) -> int:
@@ -227,9 +228,12 @@ def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, scales: "list[float]", 
     skip, paired = mode != "biased", mode == "paired"
     bk = _mmd_k(dim)
     sx, sy = x.stride(), y.stride()
+    wide = _wide(x, y, dx, dy)
     cfg = dict(IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, BLOCK_I=MMD_BLOCK_I, BLOCK_J=MMD_BLOCK_J,
-               BLOCK_K=bk, WIDE=_wide(x, y, dx, dy), num_warps=MMD_WARPS)
-    for c, (inv, count) in enumerate(_inv_chunks(scales, MMD_BWD_SCALES)):
+               BLOCK_K=bk, WIDE=wide, num_warps=MMD_WARPS)
+    per_launch = MMD_BWD_SCALES_WIDE if wide else MMD_BWD_SCALES
+    for c, (inv, count) in enumerate(_inv_chunks(scales, per_launch)):
+        inv = inv + [0.0] * (8 - len(inv))  # the kernel's 8 scale arguments
         # d/da of c sum_ij k(a_i, a_j) counts each pair twice: 2 c; the cross term's -2 c_xy once from each side
         latent_k.mmd_bwd_kernel[(triton.cdiv(n, MMD_BLOCK_I), triton.cdiv(dim, bk))](
             x, x, y, go, dx, n, n, m, dim, *sx, *sx, *sy, *dx.stride(), *inv, count, 2.0 * cxx, -2.0 * cxy,
