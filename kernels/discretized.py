@@ -230,7 +230,7 @@ def dmol_fwd_kernel(
     logits = tl.load(p_pix + k * pc, mask=kmask, other=0.0).to(tl.float32)
     logits = tl.where(k < M, logits, NEG_BIG)
     x0 = tl.load(x_ptr + x_off, mask=pmask, other=0.0).to(tl.float32)
-    bad = (x0 < -1.0) | (x0 > 1.0) | (x0 != x0)
+    ok = (x0 >= -1.0) & (x0 <= 1.0)  # False for a NaN too
     x0 = x0[:, None]
     mean0 = tl.load(p_pix + (M + k) * pc, mask=kmask, other=0.0).to(tl.float32)
     ls0 = tl.load(p_pix + (2 * M + k) * pc, mask=kmask, other=0.0).to(tl.float32)
@@ -239,7 +239,7 @@ def dmol_fwd_kernel(
     if C == 3:
         x1 = tl.load(x_ptr + (x_off + xc), mask=pmask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + ((x_off + xc) + xc), mask=pmask, other=0.0).to(tl.float32)
-        bad = bad | (x1 < -1.0) | (x1 > 1.0) | (x1 != x1) | (x2 < -1.0) | (x2 > 1.0) | (x2 != x2)
+        ok = ok & (x1 >= -1.0) & (x1 <= 1.0) & (x2 >= -1.0) & (x2 <= 1.0)
         x1 = x1[:, None]
         x2 = x2[:, None]
         t0, s0 = _tanh_sech2(tl.load(p_pix + (3 * M + k) * pc, mask=kmask, other=0.0).to(tl.float32))
@@ -262,10 +262,10 @@ def dmol_fwd_kernel(
     e_a = tl.exp(a - m_a[:, None])
     z_a = tl.sum(e_a, axis=1)
     loss = (m_l + tl.log(z_l)) - (m_a + tl.log(z_a))
-    loss = tl.where(bad, float("nan"), loss)
+    loss = tl.where(ok, loss, float("nan"))
     store_loss(loss, pmask, loss_ptr, pix, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     if GRAD:
-        scale = tl.where(bad, float("nan"), grad_scale)  # an invalid pixel's gradients are NaN
+        scale = tl.where(ok, grad_scale, float("nan"))  # an invalid pixel's gradients are NaN
         r = e_a * (scale / z_a)[:, None]  # responsibilities, times the reduction's scale
         g_pix = g_ptr + _pixel_offset(pix, spatial, gb, gs, FLAT)[:, None]
         ty = g_ptr.dtype.element_ty
@@ -366,7 +366,7 @@ def discretized_fwd_kernel(
     ls = tl.load(ls_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     inv = tl.exp(-ls)
     if KIND == KIND_LOGISTIC:
-        bad = (x < 0.0) | (x > 1.0) | (x != x)
+        ok = (x >= 0.0) & (x <= 1.0)  # False for a NaN too
         cen = tl.floor(tl.math.div_rn(x, bin_param)) * bin_param - mean
         b = inv * cen
         w = bin_param * inv
@@ -377,7 +377,7 @@ def discretized_fwd_kernel(
         gc = f * inv * (da + db)
         gs = f * (-((b + w) * da + b * db) - wdw)
     else:
-        bad = (x < -1.0) | (x > 1.0) | (x != x)
+        ok = (x >= -1.0) & (x <= 1.0)
         cen = x - mean
         plus = inv * (cen + bin_param)
         minus = inv * (cen - bin_param)
@@ -414,10 +414,10 @@ def discretized_fwd_kernel(
         lp = tl.where(floored, LOG_1E_12, lp)
         gc = tl.where(floored, 0.0, gc)
         gs = tl.where(floored, 0.0, gs)
-    lp = tl.where(bad, float("nan"), lp)
+    lp = tl.where(ok, lp, float("nan"))
     store_loss(-lp, mask, loss_ptr, offs, pid, row_len, REDUCE, PER_ROW, BLOCK, LONG_ROWS)
     # loss = -lp, centred = x - mean: dloss/dmean = dlp/dcentred, dloss/dlog_scale = -dlp/ds
-    scale = tl.where(bad, float("nan"), grad_scale)
+    scale = tl.where(ok, grad_scale, float("nan"))
     if GRAD_MEAN:
         tl.store(gm_ptr + offs, (gc * scale).to(gm_ptr.dtype.element_ty), mask=mask)
     if GRAD_LS:
