@@ -651,13 +651,28 @@ def test_strided_inputs_are_read_in_place(backend, monkeypatch):
     g = torch.Generator().manual_seed(8)
     h = torch.randn(b, 2 * d, generator=g).to(DEVICE).requires_grad_()
     zt = torch.randn(d, b, generator=g).to(DEVICE).requires_grad_()
+    y_t = torch.randn(d, 5, generator=g).to(DEVICE).requires_grad_()
+    allocs = []
+    if BACKEND == "triton":  # every buffer the ops allocate: the outputs, the saved statistics, the gradients
+        from fastvae._triton import common
+
+        alloc = common.alloc
+        monkeypatch.setattr(common, "alloc", lambda like, shape, dtype=None: allocs.append(tuple(shape))
+                            or alloc(like, shape, dtype))
     copied = _copies(monkeypatch)
     mu, lv = h.chunk(2, dim=1)
-    out = _tc_loss(zt.t(), mu, lv - 1.0, backend)
+    lv_shift = lv - 1.0  # a new tensor of the caller's, before the count
+    allocs.clear()
+    out = _tc_loss(zt.t(), mu, lv_shift, backend)
     got = torch.autograd.grad(out, (h, zt))
-    y_t = torch.randn(d, 5, generator=g).to(DEVICE).requires_grad_()
+    if BACKEND == "triton":  # 4 per-row outputs and the (B, D) lse; dmu (contiguous: mu is a strided view),
+        # dz and dlogvar (dense inputs: in their layouts, through alloc_like's flat buffer)
+        assert sorted(allocs) == sorted([(b,)] * 4 + [(b, d)] * 2 + [(b * d,)] * 2), allocs
+    allocs.clear()
     out_m = _mmd_loss(h[:, :d], y_t.t(), backend)
     got_m = torch.autograd.grad(out_m, (h, y_t))
+    if BACKEND == "triton":  # the partial sums, the 0-d result, dx, dy (in y's transposed layout)
+        assert len(allocs) == 4 and allocs[1] == () and sorted(allocs[2:]) == sorted([(b, d), (5 * d,)]), allocs
     assert not copied, copied
     monkeypatch.undo()
     h2, zt2, y2 = (t.detach().clone().requires_grad_() for t in (h, zt, y_t))
