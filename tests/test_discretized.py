@@ -485,6 +485,34 @@ def test_one_component_matches_float64(dtype, reduction, kind, backend):
     check(out, ref, dtype, [(mean, mean64), (ls, ls64)], tol=DMOL_TOL[dtype])
 
 
+@pytest.mark.parametrize("shapes", [((2, 3, 4), (3, 1), (1,)), ((3, 1), (2, 3, 4), (4,)), ((2, 1, 4), (1, 3, 1), ())],
+                         ids=["params-broadcast", "x-broadcast", "all-broadcast"])
+@pytest.mark.parametrize("kind", ONE_KINDS)
+def test_one_component_broadcasts(kind, shapes, backend):
+    """x, mean and log_scale broadcast together as the formula's elementwise ops do (a per-channel scale, a
+    shared image): the loss has the broadcast shape, each gradient its input's, the float64 numbers."""
+    sx, sm, ss = shapes
+    full = _checks_broadcast(sx, sm, ss)
+    levels = 256 if kind == "logistic" else 255
+    x = torch.randint(0, 256, sx).double() / levels
+    x = (x if kind == "logistic" else x * 2 - 1).float().to(DEVICE)
+    # scales e^-0.5 and up: the eager fp32 formula resolves every bin (its means cannot follow a broadcast x)
+    mean, mean64 = _pair(torch.rand(sm) * 2.2 - 1.1, torch.float32)
+    ls, ls64 = _pair(torch.rand(ss) * 1.5 - 0.5, torch.float32)
+    out = _one_fn(kind)(x, mean, ls, reduction="none", backend=backend)
+    ref = _one_ref(kind, x.double(), mean64, ls64)
+    assert out.shape == ref.shape == full
+    backward_both(out, ref)
+    check(out, ref, torch.float32, [(mean, mean64), (ls, ls64)], tol=DMOL_TOL[torch.float32])
+    assert mean.grad.shape == sm and ls.grad.shape == ss
+
+
+def _checks_broadcast(*shapes):
+    from fastvae._checks import broadcast_shapes
+
+    return tuple(broadcast_shapes(*shapes))
+
+
 @triton_only
 @pytest.mark.parametrize("kind", ONE_KINDS)
 def test_one_component_floors_and_tiny_scales(kind, backend):
@@ -502,8 +530,10 @@ def test_one_component_floors_and_tiny_scales(kind, backend):
 def test_one_component_errors(backend, device):
     x = torch.rand(2, 3, device=device)
     m, s = torch.rand(2, 3, device=device), torch.rand(2, 3, device=device)
-    with pytest.raises(ValueError, match="log_scale must have the shape of x"):
+    with pytest.raises(ValueError, match=r"log_scale of shape \(2, 2\) does not broadcast"):
         fastvae.discretized_gaussian_nll(x, m, s[:, :2], backend=backend)
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(3\) must match the size of tensor b \(2\)"):
+        fastvae.discretized_logistic_nll(x, m[:, :2], s, backend=backend)
     with pytest.raises(ValueError, match="binsize must be a number > 0"):
         fastvae.discretized_logistic_nll(x, m, s, binsize=0.0, backend=backend)
 

@@ -10,10 +10,11 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import (
+    ShapeError,
+    broadcast_shapes,
     check_generator,
     check_reduction,
     check_same_device,
-    check_same_shape,
     check_tensor,
     check_values,
     use_triton,
@@ -155,14 +156,29 @@ def sample_discretized_mix_logistic(
         return reference.sample_discretized_mix_logistic(params, num_mixtures, channels, layout, generator)
 
 
-def _check_one_component(x: Tensor, mean: Tensor, log_scale: Tensor, reduction: str) -> None:
+def _check_one_component(x: Tensor, mean: Tensor, log_scale: Tensor, reduction: str) -> torch.Size:
+    """The loss's shape: x, mean and log_scale broadcast together as the formula's elementwise ops do
+    (torch's rule and message; a ``ShapeError``, both ValueError and RuntimeError, when they do not)."""
     check_tensor("x", x)
     check_tensor("mean", mean)
     check_tensor("log_scale", log_scale)
-    check_same_shape("mean", mean, "x", x)
-    check_same_shape("log_scale", log_scale, "x", x)
     check_same_device(x=x, mean=mean, log_scale=log_scale)
-    check_reduction(reduction, shape=x.shape)
+    shape: tuple = ()
+    for name, t in (("x", x), ("mean", mean), ("log_scale", log_scale)):
+        for i, (a, b) in enumerate(zip(reversed(shape), reversed(t.shape))):
+            if a != b and a != 1 and b != 1:
+                dim = max(len(shape), t.dim()) - 1 - i
+                raise ShapeError(f"{name} of shape {tuple(t.shape)} does not broadcast with the other inputs' "
+                                 f"{tuple(shape)}: The size of tensor a ({a}) must match the size of tensor b "
+                                 f"({b}) at non-singleton dimension {dim}")
+        shape = tuple(broadcast_shapes(shape, t.shape))
+    check_reduction(reduction, shape=shape)
+    return torch.Size(shape)
+
+
+def _expanded(shape: torch.Size, *ts: Tensor) -> tuple[Tensor, ...]:
+    """Each input as a view of the loss's shape (autograd sums a broadcast input's gradient back)."""
+    return tuple(t if t.shape == shape else t.expand(shape) for t in ts)
 
 
 def discretized_logistic_nll(
@@ -182,15 +198,16 @@ def discretized_logistic_nll(
     with s = ``log_scale``. Gradients flow to mean and log_scale; on the Triton path in one pass, walking x,
     mean and log_scale where they lie when they share one dense layout (outputs in that layout). x outside
     [0, 1] or NaN: NaN loss and gradients there; a ValueError only with
-    ``fastvae.set_default_validate_args(True)`` (no torch twin checks this formula: off by default). mean and
-    log_scale must have x's shape (no broadcasting)."""
-    _check_one_component(x, mean, log_scale, reduction)
+    ``fastvae.set_default_validate_args(True)`` (no torch twin checks this formula: off by default). x, mean
+    and log_scale broadcast together (the loss has their broadcast shape)."""
+    shape = _check_one_component(x, mean, log_scale, reduction)
     if isinstance(binsize, bool) or not isinstance(binsize, (int, float)) or not binsize > 0:
         raise ValueError(f"binsize must be a number > 0, got {binsize!r}")
     _check_range("x", x, 0.0, 1.0)
     if use_triton(backend, mean, log_scale, x) and not (torch.is_grad_enabled() and x.requires_grad):
         from .. import _triton
 
+        x, mean, log_scale = _expanded(shape, x, mean, log_scale)  # a broadcast input is copied by the op
         return _triton.discretized_nll(x, mean, log_scale, kind=_triton.discretized.KIND_LOGISTIC,
                                        bin_param=float(binsize), reduction=reduction,
                                        out_dtype=reference.dtypes(mean, log_scale, x)[0])
@@ -212,14 +229,15 @@ def discretized_gaussian_nll(
     floored at log(1e-12). Gradients flow to mean and log_scale; on the Triton path in one pass, walking x,
     mean and log_scale where they lie when they share one dense layout (outputs in that layout). x outside
     [-1, 1] or NaN: NaN loss and gradients there; a ValueError only with
-    ``fastvae.set_default_validate_args(True)`` (no torch twin checks this formula: off by default). mean and
-    log_scale must have x's shape (no broadcasting)."""
-    _check_one_component(x, mean, log_scale, reduction)
+    ``fastvae.set_default_validate_args(True)`` (no torch twin checks this formula: off by default). x, mean
+    and log_scale broadcast together (the loss has their broadcast shape)."""
+    shape = _check_one_component(x, mean, log_scale, reduction)
     bits = _check_int("bits", bits, 1, 16)
     _check_range("x", x, -1.0, 1.0)
     if use_triton(backend, mean, log_scale, x) and not (torch.is_grad_enabled() and x.requires_grad):
         from .. import _triton
 
+        x, mean, log_scale = _expanded(shape, x, mean, log_scale)  # a broadcast input is copied by the op
         return _triton.discretized_nll(x, mean, log_scale, kind=_triton.discretized.KIND_GAUSSIAN,
                                        bin_param=1.0 / (2.0**bits - 1.0), reduction=reduction,
                                        out_dtype=reference.dtypes(mean, log_scale, x)[0])
