@@ -9,6 +9,7 @@ reads the annotations as objects (older torch rejects them as strings).
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
@@ -20,6 +21,41 @@ from ..kernels import reduce as reduce_k
 from ..reference.common import reduction_scale
 
 GO_SCALAR, GO_ELEMENTWISE, GO_ROWS = 0, 1, 2
+
+
+def _fix_interpreter_index() -> None:
+    """Under TRITON_INTERPRET=1 with triton 3.3 to 3.8, a kernel's int argument is a 1-element array that the
+    interpreter turns into a Python int with int(array), which numpy >= 2.4 refuses: every ``range(0, n,
+    BLOCK)`` over a runtime ``n`` fails there (triton 3.9 squeezes first). Convert through ``.item()`` instead,
+    in the interpreter's own tensor patch, so the kernels keep their ``for`` loops (a ``while`` loop is not
+    software-pipelined on the GPU, where these loops carry ``tl.dot``s)."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    if version >= (3, 9):
+        return
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "fastvae_index_fix", False):
+        return
+
+    def index(self) -> int:
+        return int(self.handle.data.item())
+
+    @functools.wraps(original)
+    def patched(tensor, *args):
+        original(tensor, *args)
+        if args:  # triton >= 3.5 passes a scope that restores the patched attributes after the call
+            args[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patched.fastvae_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+_fix_interpreter_index()
 
 
 def device_guard(device: Optional[torch.device]):
