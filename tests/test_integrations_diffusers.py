@@ -73,9 +73,13 @@ def test_apply_and_revert_every_module(patched):
     import diffusers.models.autoencoders.autoencoder_kl as kl_module
 
     assert "diffusers.models.autoencoders.autoencoder_kl" in patched and diffusers_vae.__name__ in patched
-    for name in patched:
-        assert issubclass(vars(sys.modules[name])["DiagonalGaussianDistribution"],
-                          distributions.DiagonalGaussianDistribution)
+    for name in patched:  # each patched module holds fastvae's posterior, the swapped quantizer, or both
+        held = vars(sys.modules[name])
+        assert "DiagonalGaussianDistribution" in held or "VectorQuantizer" in held, name
+        if "DiagonalGaussianDistribution" in held:
+            assert issubclass(held["DiagonalGaussianDistribution"], distributions.DiagonalGaussianDistribution)
+        if "VectorQuantizer" in held:
+            assert held["VectorQuantizer"] is not DiffusersVQ and issubclass(held["VectorQuantizer"], DiffusersVQ)
     # nothing left in diffusers that still holds diffusers' class
     left = [n for n, m in sys.modules.items() if n.startswith("diffusers.") and m is not None
             and vars(m).get("DiagonalGaussianDistribution") is DiffusersPosterior]
@@ -241,3 +245,108 @@ def test_apply_without_backend_follows_the_global_setting():
         assert torch.equal(ours, theirs)
     finally:
         fv_diffusers.revert()
+
+
+# ------------------------------------------------------------------------------------ VQModel's quantizer
+
+DiffusersVQ = diffusers_vae.VectorQuantizer
+
+
+def _vq_model():
+    torch.manual_seed(0)
+    return diffusers.VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                             layers_per_block=1, norm_num_groups=4, sample_size=16, num_vq_embeddings=24,
+                             vq_embed_dim=4).to(DEVICE)
+
+
+def test_vector_quantizer_swapped_and_restored(patched):
+    import diffusers.models.autoencoders.vq_model as vq_module
+
+    assert "diffusers.models.autoencoders.vq_model" in patched
+    ours = vq_module.VectorQuantizer
+    assert ours is not DiffusersVQ and issubclass(ours, DiffusersVQ)
+    assert diffusers_vae.VectorQuantizer is ours
+    assert type(_vq_model().quantize) is ours
+    fv_diffusers.revert()
+    assert vq_module.VectorQuantizer is DiffusersVQ and diffusers_vae.VectorQuantizer is DiffusersVQ
+    assert type(_vq_model().quantize) is DiffusersVQ
+    fv_diffusers.apply(backend=BACKEND)  # the fixture reverts
+
+
+def test_vq_model_equals_diffusers(patched):
+    """A real VQModel (its codebook spread out so that codes compete), patched against unpatched: the decoded
+    sample, the commitment loss, the indices and every parameter's gradient."""
+    ours_model = _vq_model()
+    fv_diffusers.revert()
+    theirs_model = _vq_model()
+    fv_diffusers.apply(backend=BACKEND)
+    assert type(ours_model.quantize) is not DiffusersVQ and type(theirs_model.quantize) is DiffusersVQ
+    with torch.no_grad():
+        theirs_model.quantize.embedding.weight.normal_()
+    ours_model.load_state_dict(theirs_model.state_dict())  # the same keys: the subclass adds none
+    x = torch.rand(2, 3, 16, 16, device=DEVICE)
+    results = []
+    for model in (ours_model, theirs_model):
+        out = model(x)
+        h = model.encode(x).latents
+        _, _, (_, _, indices) = model.quantize(h)
+        w = torch.linspace(0.5, 1.5, out.sample.numel(), device=DEVICE).reshape(out.sample.shape)
+        model.zero_grad()
+        ((out.sample * w).sum() + out.commit_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.sample.detach(), out.commit_loss.detach(), indices, grads))
+    (s0, l0, i0, g0), (s1, l1, i1, g1) = results
+    assert torch.equal(i0, i1) and i0.shape == (2 * 8 * 8,)
+    rtol, atol = (1e-5, 1e-5) if not KERNELS else (1e-4, 1e-4)
+    torch.testing.assert_close(s0, s1, rtol=rtol, atol=atol)
+    torch.testing.assert_close(l0, l1, rtol=rtol, atol=atol)
+    assert g0.keys() == g1.keys() and "quantize.embedding.weight" in g0
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=rtol, atol=atol * max(1.0, g1[name].abs().max().item()),
+                                   msg=name)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("sane_index_shape", [False, True])
+@pytest.mark.parametrize("remap", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_quantizer_keeps_diffusers_semantics(patched, dtype, remap, sane_index_shape, legacy, tmp_path):
+    """The swapped quantizer against diffusers' on the same weights: the legacy flag's beta placement, remap
+    (onto a used subset, unknown codes to the extra index), sane_index_shape, the return tuple, dtypes and
+    the gradients to z and the codebook."""
+    import numpy as np
+
+    if KERNELS and dtype == torch.float64:
+        pytest.skip("float64 runs the eager path")
+    used = None
+    if remap:
+        used = str(tmp_path / "used.npy")
+        np.save(used, np.arange(0, 16, 2))
+    kwargs = dict(n_e=16, vq_embed_dim=3, beta=0.3, remap=used, unknown_index="extra",
+                  sane_index_shape=sane_index_shape, legacy=legacy)
+    ours_cls = vars(diffusers_vae)["VectorQuantizer"]
+    ours, theirs = ours_cls(**kwargs).to(DEVICE, dtype), DiffusersVQ(**kwargs).to(DEVICE, dtype)
+    with torch.no_grad():
+        theirs.embedding.weight.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    z = torch.randn(2, 3, 5, 4, device=DEVICE, dtype=dtype)
+    outs = []
+    for q in (ours, theirs):
+        zz = z.clone().requires_grad_(True)
+        z_q, loss, (perplexity, encodings, indices) = q(zz)
+        assert perplexity is None and encodings is None
+        w = torch.linspace(0.5, 1.5, z_q.numel(), device=DEVICE, dtype=dtype).reshape(z_q.shape)
+        gz, ge = torch.autograd.grad((z_q * w).sum() + loss, (zz, q.embedding.weight))
+        outs.append((z_q.detach(), loss.detach(), indices, gz, ge))
+    (q0, l0, i0, gz0, ge0), (q1, l1, i1, gz1, ge1) = outs
+    assert i0.shape == i1.shape and i0.dtype == i1.dtype and torch.equal(i0, i1)
+    assert q0.shape == q1.shape and q0.dtype == q1.dtype and q0.is_contiguous()
+    assert l0.shape == l1.shape == () and l0.dtype == l1.dtype
+    rtol, atol = (1e-12, 1e-12) if dtype == torch.float64 else ((1e-6, 1e-6) if not KERNELS else (1e-5, 1e-5))
+    for a, b in ((q0, q1), (l0, l1), (gz0, gz1), (ge0, ge1)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    # the codebook entries of the indices: diffusers' own method, inherited
+    shape = (2, 5, 4, 3)
+    torch.testing.assert_close(ours.get_codebook_entry(i0.reshape(-1) if not remap else i0.reshape(2, -1), shape),
+                               theirs.get_codebook_entry(i1.reshape(-1) if not remap else i1.reshape(2, -1), shape))
