@@ -2,7 +2,8 @@
 imported only when used (neither library is a dependency: ``pip install fastvae[diffusers]`` / ``[scvi]``):
 
     import fastvae.integrations.diffusers as fv_diffusers
-    fv_diffusers.apply()      # diffusers' DiagonalGaussianDistribution is fastvae's, everywhere diffusers builds it
+    fv_diffusers.apply()      # diffusers' DiagonalGaussianDistribution is fastvae's, everywhere diffusers builds it,
+                              # and its VectorQuantizer (VQModel's) runs fastvae.vector_quantize
     fv_diffusers.revert()     # and back
 
 Each ``apply()`` swaps module attributes (what the library looks up at call time, as Liger-Kernel's
