@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # fastvae.integrations against the real libraries: one venv per version set with diffusers and scvi-tools,
 # fastvae from the tree, then tests/test_integrations_*.py on the eager reference and on the Triton kernels under
-# TRITON_INTERPRET=1 (each its own pytest process).
+# TRITON_INTERPRET=1 (each its own pytest process), then scvi-tools' own tests of what fastvae patches (its
+# distribution tests and the SCVI model tests, from the sdist of the installed version: the wheel ships no tests)
+# unpatched and with fastvae.integrations.scvi applied: every test that passes on scvi's code must pass patched
+# (ci/scvi_own_tests.py, about two minutes a run on two cores).
 #
 #   newest   the newest diffusers and scvi-tools the registry serves (what a new user gets)
 #   lowest   the lowest versions pyproject's extras declare (diffusers with the huggingface_hub it was released
@@ -76,6 +79,11 @@ print('  ' + ', '.join(d + ' ' + v(d) for d in ('torch', 'triton', 'diffusers', 
     stamp "$step: tests, Triton kernels under the interpreter"
     TRITON_INTERPRET=1 FASTVAE_TEST_BACKEND=triton "$venv/bin/python" -m pytest -q -p no:cacheprovider \
         -m "not torch_only" tests/test_integrations_diffusers.py tests/test_integrations_scvi.py
-    rm -rf "$venv"
+    scvi_version="$("$venv/bin/python" -c "from importlib.metadata import version; print(version('scvi-tools'))")"
+    stamp "$step: scvi-tools $scvi_version's own tests, unpatched and patched"
+    "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: "scvi-tools==$scvi_version" -d "$WORK/sdist-$step"
+    tar xzf "$WORK/sdist-$step/scvi_tools-$scvi_version.tar.gz" -C "$WORK/sdist-$step"
+    "$venv/bin/python" ci/scvi_own_tests.py "$WORK/sdist-$step/scvi_tools-$scvi_version"
+    rm -rf "$venv" "$WORK/sdist-$step"
     stamp "$step: passed"
 done

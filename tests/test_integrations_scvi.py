@@ -126,3 +126,53 @@ def test_scvi_trains_to_the_same_elbo():
         assert sum(counts.values()) == 0
         for k in ours:
             torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-5)
+
+
+SCVI_FORMS = {  # name -> shapes (x, mu, theta, pi), dtype: the calls scvi's own code and tests make
+    "posterior-predictive": (((8, 12), (5, 8, 12), (12,), (5, 8, 12)), torch.float32),  # get_marginal_ll & co
+    "one-dim": (((2,), (2,), (2,), (2,)), torch.float32),  # test_zinb_distribution: (1, 2) for ZINB, (2,) NB
+    "gene-cell-theta": (((8, 12), (8, 12), (8, 12), (8, 12)), torch.float32),
+    "half": (((8, 12), (8, 12), (12,), (8, 12)), torch.float16),  # ZINB's fp32 masks: an fp32 result
+}
+
+
+@pytest.mark.parametrize("form", list(SCVI_FORMS))
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+def test_patched_functions_broadcast_as_scvi(form, likelihood):
+    """The patched log_nb_positive / log_zinb_positive and the distributions' log_prob: scvi's result shape,
+    dtype, values and gradients for every argument shape scvi calls them with."""
+    (xs, ms, ts, ps), dtype = SCVI_FORMS[form]
+    torch.manual_seed(0)
+    x = torch.poisson(torch.rand(xs) * 5).to(dtype)
+    leaves = [t.to(dtype).requires_grad_() for t in (torch.rand(ms) * 5 + 0.1, torch.rand(ts) * 3 + 0.2,
+                                                      torch.randn(ps))]
+    if likelihood == "nb":
+        leaves = leaves[:2]
+    outs = []
+    for use in ("ours", "theirs"):
+        if use == "ours":
+            fv_scvi.apply(backend=BACKEND)
+        else:
+            fv_scvi.revert()
+        fn = scvi_nb.log_nb_positive if likelihood == "nb" else scvi_nb.log_zinb_positive
+        lp = fn(x, *leaves)
+        grads = torch.autograd.grad(lp.float().sum(), leaves) if dtype == torch.float32 else None
+        outs.append((lp.detach(), grads))
+    (lp, g), (lp_ref, g_ref) = outs
+    assert lp.shape == lp_ref.shape and lp.dtype == lp_ref.dtype
+    tol = {"rtol": 1e-5, "atol": 1e-4}
+    if dtype == torch.float16:  # scvi's formula in fp16 (lgamma, logs) errs by up to ~1: fastvae computes in fp32
+        lp, lp_ref = lp.double(), fn(x.double(), *[t.detach().double() for t in leaves])
+        tol = {"rtol": 2e-3, "atol": 2e-3}  # NB's fp16 result rounded to fp16 (ZINB's is fp32)
+    torch.testing.assert_close(lp, lp_ref, **tol)
+    for a, b in zip(g or (), g_ref or ()):
+        torch.testing.assert_close(a, b, **tol)
+    if form == "posterior-predictive":  # through the distribution classes, as scvi's posterior predictive calls
+        fv_scvi.apply(backend=BACKEND)
+        try:
+            cls = (scvi.distributions.NegativeBinomial if likelihood == "nb"
+                   else scvi.distributions.ZeroInflatedNegativeBinomial)
+            kw = {} if likelihood == "nb" else {"zi_logits": leaves[2]}
+            assert cls(mu=leaves[0], theta=leaves[1], **kw).log_prob(x).shape == (5, 8, 12)
+        finally:
+            fv_scvi.revert()

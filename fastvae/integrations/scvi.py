@@ -5,7 +5,10 @@ torch's Normal, the fused KL), and scores counts with the fused NB and ZINB kern
 ``NegativeBinomial`` and ``ZeroInflatedNegativeBinomial`` ``log_prob`` call ``log_nb_positive`` and
 ``log_zinb_positive``, which become ``-fastvae.negative_binomial_nll`` and ``-fastvae.zinb_nll``, term for
 term scvi's formulas; a call with another ``log_fn`` or ``lgamma_fn``, such as MPS's lgamma, keeps scvi's own).
-``revert()`` restores scvi's names.
+The patched functions broadcast as scvi's formulas do (the result has the broadcast shape of every argument:
+a posterior-predictive ``mu`` of shape (S, B, G) against counts (B, G), a 1-D theta against 1-D counts made
+(1, G) by log_zinb_positive's own reshape) and return scvi's dtypes (log_zinb_positive's fp32 masks promote
+a half result to fp32). ``revert()`` restores scvi's names.
 
     import fastvae.integrations.scvi
     fastvae.integrations.scvi.apply()
@@ -54,7 +57,9 @@ def _log_zinb_positive(original, backend):
             return original(x, mu, theta, pi, eps=eps, log_fn=log_fn, lgamma_fn=lgamma_fn)
         if theta.dim() == 1:  # one dispersion per gene, shared by every cell (scvi's own reshape)
             theta = theta.view(1, theta.size(0))
-        return -zinb_nll(x, mu, theta, pi, eps, reduction="none", backend=backend)
+        out = -zinb_nll(x, mu, theta, pi, eps, reduction="none", backend=backend)
+        # scvi multiplies each case by (x < eps).type(torch.float32): a half result comes out in fp32
+        return out.to(torch.promote_types(out.dtype, torch.float32))
 
     return log_zinb_positive
 
