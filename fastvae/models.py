@@ -18,6 +18,7 @@ log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaus
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -179,3 +180,141 @@ def build_model(kind: str, image_shape: tuple[int, int, int], latent_dim: int, l
         return ConvVAE(c, (h, w), latent_dim, learned_var=learned_var, backend=backend, logits=logits,
                        num_mixtures=num_mixtures)
     raise ValueError(f"model must be 'mlp' or 'conv', got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------ discrete latents
+
+__all__ += ["LATENTS", "DiscreteOutput", "DiscreteVAE", "fsq_levels"]
+
+LATENTS = ("gaussian", "vq", "rvq", "lfq", "fsq", "gumbel")
+CODE_DIM = 4  # features of a vq / rvq code and of a gumbel code's embedding
+# Mentzer et al. 2023, table: the levels recommended for a target codebook size
+FSQ_LEVELS = {2**8: [8, 6, 5], 2**10: [8, 5, 5, 5], 2**12: [7, 5, 5, 5, 5], 2**14: [8, 8, 8, 6, 5],
+              2**16: [8, 8, 8, 5, 5, 5]}
+
+
+def fsq_levels(codebook_size: int) -> list[int]:
+    """The FSQ paper's levels for ``codebook_size`` (2^8, 2^10, 2^12, 2^14 or 2^16 codes)."""
+    if codebook_size not in FSQ_LEVELS:
+        raise ValueError(f"FSQ levels are tabulated for codebook sizes {', '.join(map(str, FSQ_LEVELS))}, got "
+                         f"{codebook_size}")
+    return FSQ_LEVELS[codebook_size]
+
+
+class DiscreteOutput(NamedTuple):
+    x_hat: Tensor  # decoder output, the shape of x
+    logvar_x: Tensor | None  # as VAEOutput's
+    indices: Tensor  # (B, tokens), (B, tokens, stages) for rvq: int64
+    quantizer_loss: Tensor  # the quantizer's own loss (commitment, entropy terms), 0-d; 0 for fsq and gumbel
+    kl: Tensor  # KL(q(codes|x) || uniform) summed over the tokens, mean over the batch (nats per image)
+
+
+class DiscreteVAE(nn.Module):
+    """The encoder and decoder of ``build_model(kind, ...)`` around a discrete bottleneck of ``tokens``
+    codes an image, one of ``fastvae.nn``'s quantizers:
+
+    - "vq": ``VectorQuantize`` of CODE_DIM-feature tokens, EMA codebook (decay 0.99, VQ-VAE-2's), k-means
+      initialization on the first batch, commitment weight 0.25 (the VQ-VAE paper's beta);
+    - "rvq": ``ResidualVQ`` with ``num_quantizers`` stages, the same codebook settings;
+    - "lfq": ``LFQ`` of log2(codebook_size) bits a token; "fsq": ``FSQ`` with ``fsq_levels(codebook_size)``;
+    - "gumbel": ``GumbelQuantize`` (taming's) over codebook_size codes of CODE_DIM features, temperature 1.
+
+    The deterministic quantizers' posterior is one code a token, so the KL to the uniform prior over the K
+    codes is log K a token (VQ-VAE's constant: ``kl``); the Gumbel posterior's KL is computed. ``encode(x)``
+    returns (the quantized latent, flattened for the decoder, None), ``sample(n)`` decodes uniformly drawn codes.
+    """
+
+    def __init__(self, kind: str, image_shape: tuple[int, int, int], latent: str, tokens: int, codebook_size: int,
+                 num_quantizers: int = 1, learned_var: bool = False, backend=None, logits: bool = False,
+                 num_mixtures: int | None = None):
+        super().__init__()
+        from . import nn as fnn
+
+        if latent not in LATENTS[1:]:
+            raise ValueError(f"latent must be one of {', '.join(LATENTS[1:])}, got {latent!r}")
+        self.latent, self.tokens, self.codebook_size = latent, tokens, codebook_size
+        self.num_quantizers = num_quantizers if latent == "rvq" else 1
+        self.latent_dim = None  # no continuous latent to plot
+        if latent == "lfq":
+            bits = codebook_size.bit_length() - 1
+            if codebook_size < 2 or 1 << bits != codebook_size:
+                raise ValueError(f"lfq needs a codebook size that is a power of 2, got {codebook_size}")
+            code_dim = bits
+            self.quantizer = fnn.LFQ(codebook_size=codebook_size, backend=backend)
+        elif latent == "fsq":
+            levels = fsq_levels(codebook_size)
+            code_dim = len(levels)
+            self.quantizer = fnn.FSQ(levels, backend=backend)
+        elif latent == "gumbel":
+            code_dim = CODE_DIM
+            self.quantizer = fnn.GumbelQuantize(CODE_DIM, CODE_DIM, codebook_size, kl_weight=1.0, backend=backend)
+        else:
+            code_dim = CODE_DIM
+            common = dict(codebook_size=codebook_size, decay=0.99, kmeans_init=True, commitment_weight=0.25,
+                          backend=backend)
+            self.quantizer = (fnn.VectorQuantize(CODE_DIM, **common) if latent == "vq" else
+                              fnn.ResidualVQ(dim=CODE_DIM, num_quantizers=num_quantizers, **common))
+        self.code_dim = code_dim
+        self.base = build_model(kind, image_shape, tokens * code_dim, learned_var=learned_var, backend=backend,
+                                logits=logits, num_mixtures=num_mixtures)
+        head = self.base.encoder[-1]  # (B, 2 * latent) for the Gaussian: here one pre-quantization token each
+        self.base.encoder[-1] = nn.Linear(head.in_features, tokens * code_dim)
+        self.image_shape = self.base.image_shape
+        self.backend = backend
+
+    def _quantize(self, h: Tensor, generator: torch.Generator | None = None):
+        """(flat quantized latent (B, tokens * code_dim), indices, quantizer loss, KL per image)."""
+        b = h.shape[0]
+        tokens = h.view(b, self.tokens, self.code_dim)
+        zero = h.new_zeros(())
+        if self.latent == "gumbel":  # positions = tokens: (B, code_dim, tokens, 1)
+            z_q, kl_mean, (_, _, ind) = self.quantizer(tokens.transpose(1, 2).unsqueeze(-1), generator=generator)
+            return z_q.squeeze(-1).transpose(1, 2).reshape(b, -1), ind.reshape(b, self.tokens), zero, \
+                kl_mean * self.tokens
+        if self.latent == "fsq":
+            q, ind = self.quantizer(tokens)
+            loss = zero
+        else:
+            q, ind, loss = self.quantizer(tokens)
+        log_k = math.log(self.codebook_size) * self.num_quantizers * self.tokens
+        return q.reshape(b, -1), ind, loss, torch.full_like(zero, log_k)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, None]:
+        return self._quantize(self.base.encoder(x))[0], None
+
+    def decode(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.base.decode(z)
+
+    def mean(self, x_hat: Tensor) -> Tensor:
+        return self.base.mean(x_hat)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> DiscreteOutput:
+        z, indices, loss, kl = self._quantize(self.base.encoder(x), generator)
+        x_hat, logvar_x = self.decode(z)
+        return DiscreteOutput(x_hat, logvar_x, indices, loss, kl)
+
+    def usage(self, indices: Tensor) -> Tensor:
+        """Per-code counts of ``indices``, (codebooks, K): one row per rvq stage, else one."""
+        rows = indices.reshape(-1, self.num_quantizers).t()
+        return torch.stack([fastvae.codebook_usage(r, self.codebook_size).counts for r in rows])
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decoder means for codes drawn uniformly (independently per token and stage)."""
+        p = next(self.parameters())
+        draw = torch.randint(0, self.codebook_size, (n, self.tokens, self.num_quantizers), device=p.device,
+                             generator=generator)
+        if self.latent in ("vq", "rvq"):
+            books = self.quantizer._codebook.embed  # (1 or S, K, D)
+            z = sum(books[s][draw[..., s]] for s in range(self.num_quantizers))
+        elif self.latent == "gumbel":
+            z = self.quantizer.embed.weight[draw[..., 0]]
+        elif self.latent == "lfq":
+            bits = (draw[..., :1] >> torch.arange(self.code_dim, device=p.device)) & 1
+            z = (bits.float() * 2 - 1) * self.quantizer.codebook_scale
+        else:  # fsq: one level per channel, scaled as the quantizer's codes
+            levels = torch.tensor(self.quantizer.levels, device=p.device)
+            u = torch.rand(n, self.tokens, self.code_dim, device=p.device, generator=generator)
+            half = levels // 2
+            z = ((u * levels).floor() - half) / half
+        return self.mean(self.decode(z.reshape(n, -1).to(p.dtype))[0])

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import fastvae
 
-from .models import build_model
+from .models import LATENTS, DiscreteVAE, build_model
 from .nn import BetaTCVAELoss, ELBOLoss, ELBOOutput, MMDVAELoss
 
 REFERENCE_BATCH = 256  # --lr is the learning rate at this global batch size
@@ -54,6 +54,8 @@ examples:
   torchrun --nproc_per_node=4 -m fastvae.train --dataset mnist --batch-size 512   # B = 2048
   python -m fastvae.train --resume runs/20250101-120000 --epochs 200               # continue to 200
   python -m fastvae.train --objective iwae --num-samples 16 --eval-samples 1000   # IWAE, log p(x) estimate
+  python -m fastvae.train --latent vq --codebook-size 256                         # VQ-VAE, 8 tokens an image
+  python -m fastvae.train --latent rvq --num-quantizers 4                         # residual VQ, 4 stages
 """
 
 
@@ -124,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--objective", default="elbo", choices=("elbo", "iwae") + LATENT_OBJECTIVES,
                        help="iwae: the importance-weighted bound over --num-samples samples of z; btcvae: "
                             "β-TCVAE; infovae: + --mmd-weight MMD; wae: recon + --mmd-weight MMD, no KL")
+    model.add_argument("--latent", default="gaussian", choices=LATENTS,
+                       help="the bottleneck: gaussian q(z|x); or --latent-dim tokens an image through a discrete "
+                            "quantizer of fastvae.nn (vq: VectorQuantize, EMA codebook; rvq: ResidualVQ; lfq: "
+                            "LFQ, log2 K bits a token; fsq: FSQ, the paper's levels for K; gumbel: taming's "
+                            "GumbelQuantize), with codebook usage and perplexity in metrics.jsonl")
+    model.add_argument("--codebook-size", type=_positive_int, default=256, metavar="K",
+                       help="codes a token for the discrete latents (lfq: a power of 2; fsq: 2^8, 2^10, ... 2^16)")
+    model.add_argument("--num-quantizers", type=_positive_int, default=4, metavar="S",
+                       help="--latent rvq: residual stages")
     model.add_argument("--tc-beta", type=_nonneg_float, default=6.0, metavar="BETA",
                        help="--objective btcvae: weight of the total correlation")
     model.add_argument("--mi-weight", type=_nonneg_float, default=1.0, help="btcvae: of the mutual information")
@@ -309,12 +320,23 @@ def estimate_log_px(model, loss_fn, x: torch.Tensor, rank: int, world: int, k: i
 def evaluate(model, loss_fn, x: torch.Tensor, rank: int, world: int, gen, amp) -> dict[str, float]:
     """Held-out recon and KL (beta 1, no free bits): rank r takes images r, r + world, ...; summed."""
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # recon, kl (times images), images
+    discrete = isinstance(model, DiscreteVAE)
+    counts = 0
+    if discrete:  # no codebook update (EMA, k-means) from held-out images
+        model.eval()
     with torch.no_grad():
         for chunk in x[rank::world].split(1024):
-            e = elbo_terms(model, loss_fn, chunk, gen, amp)
+            if discrete:
+                e, indices = discrete_terms(model, loss_fn, chunk, gen, amp)
+                counts = counts + model.usage(indices).double()
+            else:
+                e = elbo_terms(model, loss_fn, chunk, gen, amp)
             sums += torch.stack([e.recon, e.kl, torch.ones_like(e.kl)]).double() * len(chunk)
+    if discrete:
+        model.train()
     recon, kl, n = all_reduce(sums).tolist()
-    return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n}
+    usage = usage_metrics(all_reduce(counts)) if discrete else {}
+    return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n, **usage}
 
 
 LATENT_OBJECTIVES = ("btcvae", "infovae", "wae")
@@ -334,6 +356,24 @@ def latent_terms(net, latent_fn, x: torch.Tensor, gen, amp) -> tuple[ELBOOutput,
         m = latent_fn(out.x_hat, x, z, out.mu, out.logvar, out.logvar_x, kl=out.kl, generator=gen,
                       return_terms=True)
         return ELBOOutput(m.loss, m.recon, m.kl, latent_fn.current_beta()), [m.mmd]
+
+
+def discrete_terms(net, loss_fn, x: torch.Tensor, gen, amp) -> tuple[ELBOOutput, torch.Tensor]:
+    """A discrete bottleneck's (loss = recon + beta * KL + the quantizer's loss, recon, KL, beta) and its indices.
+    The KL to the uniform prior is a constant for the deterministic quantizers (log K a token, VQ-VAE's)."""
+    with amp():
+        out = net(x, generator=gen)
+        recon = loss_fn.recon(out.x_hat, x, out.logvar_x)
+        beta = loss_fn.current_beta()
+        return ELBOOutput(recon + beta * out.kl + out.quantizer_loss, recon, out.kl, beta), out.indices
+
+
+def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
+    """Codebook usage of summed per-code counts (codebooks, K): the codes used and the perplexity exp(H(p)),
+    p = counts / their sum, each a mean over the codebooks (the rvq stages)."""
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    perplexity = torch.exp(-torch.special.xlogy(p, p).sum(-1))
+    return {"codebook_active": (counts > 0).double().sum(-1).mean().item(), "perplexity": perplexity.mean().item()}
 
 
 def build_latent_fn(args, dataset_size: int, world: int, backend) -> ELBOLoss | None:
@@ -356,7 +396,11 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
     order = torch.tensor(list(state["sampler"]), device=x_train.device)
     sums = torch.zeros(4, dtype=torch.float64, device=x_train.device)  # loss, recon, kl (x images), images
     extra_names = LATENT_TERMS.get(args.objective, ())
+    discrete = args.latent != "gaussian"
+    if args.latent == "lfq":  # the LFQ entropies of the batches
+        extra_names = ("lfq_per_sample_entropy", "lfq_codebook_entropy")
     extra_sums = torch.zeros(len(extra_names), dtype=torch.float64, device=x_train.device)
+    counts = 0  # per-code counts of the epoch's indices, (codebooks, K), on the device
     t0 = shown = time.perf_counter()
     for batch in order.split(args.batch_size)[: state["steps_per_epoch"]]:
         if args.max_steps is not None and state["step"] >= args.max_steps:
@@ -364,7 +408,13 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
         for group in opt.param_groups:
             group["lr"] = learning_rate(args, state["step"], state["steps_per_epoch"], state["world"])
         x = x_train[batch]
-        if args.objective == "iwae":
+        if discrete:
+            elbo, indices = discrete_terms(net, loss_fn, x, gen, amp)
+            counts = counts + state["model"].usage(indices)
+            if args.latent == "lfq":
+                last = state["model"].quantizer.last
+                extra_sums += torch.stack([last.per_sample_entropy, last.codebook_entropy]).double() * len(x)
+        elif args.objective == "iwae":
             elbo = iwae_terms(net, loss_fn, x, args.num_samples, gen, amp)
         elif extra_names:
             elbo, extra = latent_terms(net, state["latent_fn"], x, gen, amp)
@@ -394,6 +444,8 @@ def train_epoch(state: dict, epoch: int, x_train: torch.Tensor, gen, amp, bar) -
                        "longer --lr-warmup")
     n = max(n, 1.0)
     extra = dict(zip(extra_names, (v / n for v in all_reduce(extra_sums).tolist()))) if extra_names else {}
+    if discrete:
+        extra.update(usage_metrics(all_reduce(torch.as_tensor(counts, device=x_train.device).double())))
     return {"elbo": -(recon + kl) / n, "recon": recon / n, "kl": kl / n, "loss": loss / n, **extra,
             "images_per_s": n / seconds, "epoch_s": seconds}
 
@@ -432,7 +484,8 @@ def write_figures(out: Path, model, x_test, y_test, history: list[dict], seed: i
 
         gen = torch.Generator(x_test.device).manual_seed(seed)
         fig = Figure(figsize=(5, 5.3), layout="constrained")
-        _show(fig.subplots(), model.sample(64, generator=gen), 8, "samples: decoder mean, z ~ N(0, I)")
+        prior = "uniform codes" if isinstance(model, DiscreteVAE) else "z ~ N(0, I)"
+        _show(fig.subplots(), model.sample(64, generator=gen), 8, f"samples: decoder mean, {prior}")
         fig.savefig(out / "samples.png", dpi=150)
 
         if model.latent_dim == 2:
@@ -520,10 +573,18 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)  # the same initial parameters on every rank
     backend, path = resolve_backend(args.backend, device)
-    model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim,
-                        learned_var=args.likelihood == "gaussian-learned-var", logits=args.likelihood == "bernoulli",
-                        backend=backend,
-                        num_mixtures=args.num_mixtures if args.likelihood == "dmol" else None).to(device)
+    decoder = dict(learned_var=args.likelihood == "gaussian-learned-var", logits=args.likelihood == "bernoulli",
+                   backend=backend, num_mixtures=args.num_mixtures if args.likelihood == "dmol" else None)
+    if args.latent == "gaussian":
+        model = build_model(args.model, tuple(x_train.shape[1:]), args.latent_dim, **decoder).to(device)
+    else:
+        if args.objective != "elbo" or args.eval_samples:
+            raise CLIError(f"--latent {args.latent} trains the ELBO: --objective elbo and no --eval-samples")
+        try:
+            model = DiscreteVAE(args.model, tuple(x_train.shape[1:]), args.latent, args.latent_dim,
+                                args.codebook_size, args.num_quantizers, **decoder).to(device)
+        except ValueError as e:
+            raise CLIError(f"--latent {args.latent}: {e}") from None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = torch.utils.data.DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
                                                   shuffle=True, seed=args.seed, drop_last=True)
@@ -557,7 +618,8 @@ def run(args: argparse.Namespace) -> int:
     # generator (a graph break), so there it comes from torch's default generator, seeded the same way
     gen = None if args.backend == "compile" else torch.Generator(device)
     eval_gen = torch.Generator(device)
-    state = {"args": args, "net": net, "loss_fn": loss_fn, "opt": opt, "sampler": sampler, "world": world,
+    state = {"args": args, "net": net, "model": model, "loss_fn": loss_fn, "opt": opt, "sampler": sampler,
+             "world": world,
              "steps_per_epoch": steps_per_epoch, "step": loss_fn.steps, "beta": loss_fn.current_beta(),
              "losses": [], "scaler": scaler,
              "latent_fn": build_latent_fn(args, len(x_train), world, backend)}

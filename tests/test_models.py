@@ -63,3 +63,36 @@ def test_forward_is_reparameterize_kl():
     other = model(x, generator=torch.Generator().manual_seed(8))
     assert torch.equal(again.x_hat, out.x_hat)
     assert not torch.equal(other.x_hat, out.x_hat)
+
+
+@pytest.mark.parametrize("latent", ["vq", "rvq", "lfq", "fsq", "gumbel"])
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_discrete_vae_shapes_gradients_and_samples(kind, latent):
+    from fastvae.models import DiscreteVAE
+
+    model = DiscreteVAE(kind, (1, 8, 8), latent, tokens=3, codebook_size=256, num_quantizers=2)
+    x = torch.rand(4, 1, 8, 8)
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    assert out.x_hat.shape == x.shape and out.quantizer_loss.dim() == 0 and out.kl.dim() == 0
+    assert out.indices.shape == ((4, 3, 2) if latent == "rvq" else (4, 3)) and out.indices.dtype == torch.int64
+    assert (0 <= out.indices).all() and (out.indices < 256).all()
+    counts = model.usage(out.indices)
+    assert counts.shape == ((2 if latent == "rvq" else 1), 256) and (counts.sum(-1) == 12).all()
+    loss = fastvae.nn.ELBOLoss(var=0.1).recon(out.x_hat, x) + out.quantizer_loss + out.kl
+    loss.backward()
+    encoder_grads = [p.grad for p in model.base.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in encoder_grads)  # through the bottleneck
+    assert any(g.abs().sum() > 0 for g in encoder_grads)
+    assert model.sample(5, generator=torch.Generator().manual_seed(1)).shape == (5, 1, 8, 8)
+    assert model.encode(x)[0].shape == (4, 3 * model.code_dim)
+
+
+def test_discrete_vae_rejects_untabulated_sizes():
+    from fastvae.models import DiscreteVAE
+
+    with pytest.raises(ValueError, match="power of 2"):
+        DiscreteVAE("mlp", (1, 8, 8), "lfq", tokens=2, codebook_size=100)
+    with pytest.raises(ValueError, match="tabulated"):
+        DiscreteVAE("mlp", (1, 8, 8), "fsq", tokens=2, codebook_size=100)
+    with pytest.raises(ValueError, match="latent must be"):
+        DiscreteVAE("mlp", (1, 8, 8), "gaussian", tokens=2, codebook_size=16)

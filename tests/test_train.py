@@ -111,6 +111,48 @@ def test_options(tmp_path):
     assert all(math.isfinite(v) for v in line.values())
 
 
+@pytest.mark.parametrize("latent", ["vq", "rvq", "lfq", "fsq", "gumbel"])
+def test_discrete_latents_log_codebook_usage(latent, tmp_path):
+    """Two steps with each discrete bottleneck: metrics.jsonl holds the codebook usage (active codes,
+    perplexity; the entropies for lfq) of the train and held-out passes, the figures are written, and the
+    checkpoint restores the quantizer's state."""
+    args = ["--latent", latent, "--codebook-size", "256", "--num-quantizers", "2", "--max-steps", "2",
+            "--epochs", "1", "--latent-dim", "3", "--batch-size", "32", "--device", "cpu"]
+    assert train.main([*args, "--out", str(tmp_path)]) == 0
+    (line,) = read_metrics(tmp_path)
+    keys = ["codebook_active", "perplexity"] + (["lfq_per_sample_entropy", "lfq_codebook_entropy"]
+                                                 if latent == "lfq" else [])
+    for split in ("train", "test"):
+        for key in keys[:2]:
+            assert math.isfinite(line[f"{split}_{key}"]), (split, key)
+        # at least one code used, never more than the codebook (or the tokens seen) holds
+        assert 1 <= line[f"{split}_codebook_active"] <= 256
+        assert 1 <= line[f"{split}_perplexity"] <= line[f"{split}_codebook_active"] + 1e-6
+    for key in keys[2:]:
+        assert math.isfinite(line[f"train_{key}"]) and line[f"train_{key}"] >= 0
+    assert line["train_codebook_active"] <= 2 * 32 * 3  # the tokens of two batches
+    stages = 2 if latent == "rvq" else 1
+    if latent != "gumbel":  # one code a token: the KL to the uniform prior is log K a token (and stage)
+        assert line["test_kl"] == pytest.approx(3 * stages * math.log(256))
+    assert all(math.isfinite(v) for v in line.values())
+    assert (tmp_path / "samples.png").is_file() and not (tmp_path / "latent.png").exists()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["latent"] == latent
+    if latent in ("vq", "rvq"):  # the EMA codebook and its k-means flag travel in the checkpoint
+        assert ckpt["model"]["quantizer._codebook.initted"].item() == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latent", "vq", "--objective", "iwae"], "--latent vq trains the ELBO"),
+    (["--latent", "fsq", "--codebook-size", "100"], "--latent fsq: FSQ levels are tabulated"),
+    (["--latent", "lfq", "--codebook-size", "100"], "--latent lfq: lfq needs a codebook size that is a power"),
+])
+def test_discrete_latent_errors_are_one_line(argv, message, tmp_path, capsys):
+    assert train.main([*BASE, *argv, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size: must be a positive integer"),
     (["--lr", "-1"], "--lr: must be a number"),
@@ -198,6 +240,7 @@ def test_no_host_sync_in_the_step(monkeypatch, tmp_path):
     assert reads(1, "--debug-ranks") == reads(4, "--debug-ranks")
     assert reads(1, "--objective", "iwae", "--num-samples", "2") == reads(3, "--objective", "iwae",
                                                                             "--num-samples", "2")
+    assert reads(1, "--latent", "vq") == reads(3, "--latent", "vq")  # the EMA codebook and usage counts
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
