@@ -523,16 +523,16 @@ class Bench:
                 return None
             for _ in range(2):  # compile, caches, allocator
                 synced()
-            estimate = min(self._time(synced) for _ in range(3))  # an upper bound: launch and sync included
+            estimate = min(self._time(synced) for _ in range(3))  # launch and sync included
             calls = max(self.min_calls, min(self.max_calls, math.ceil(self.round_s / max(estimate, 1e-7))))
-            rounds = max(
-                self.min_rounds,
-                min(self.max_rounds, math.ceil(self.budget_s / max(calls * estimate, 1e-7))),
-            )
             timer = RoundTimer(dev, calls)
+            # one untimed round sizes the rest: its wall time, not the estimate, so that a call slower in a
+            # round than alone (a loaded machine, a full queue) cannot stretch a case past its budget many-fold
+            round_wall = self._time(lambda: [timer(call) for _ in range(calls)])
+            rounds = max(self.min_rounds, min(self.max_rounds, math.ceil(self.budget_s / max(round_wall, 1e-7))))
             # pytest-benchmark times each round of ``calls`` iterations (wall time, the round's closing
             # synchronization included) and divides by them; the timer keeps the device and host times
-            benchmark.pedantic(lambda: timer(call), rounds=rounds, warmup_rounds=1, iterations=calls)
+            benchmark.pedantic(lambda: timer(call), rounds=rounds, iterations=calls)
             syncs = count_host_syncs(call) if dev.type == "cuda" else None
             peak = self.peak_bytes(synced)
         except Exception as e:
@@ -548,7 +548,7 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache()
             pytest.skip(f"out of memory: {case}")
-        # the warm-up round's times come first: only the timed rounds' count
+        # the sizing round's times come first: only the timed rounds' count
         median = statistics.median(timer.device_s[-rounds:])
         host = statistics.median(timer.host_s[-rounds:]) if dev.type == "cuda" else None
         gbps = nbytes / median / 1e9 if nbytes else None
@@ -656,6 +656,14 @@ def environment(device: torch.device) -> dict[str, Any]:
         "loadavg_start": SESSION["loadavg_start"],
         "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_benchmark_generate_json(config: pytest.Config, benchmarks: list, **kwargs: Any) -> Any:
+    """Leave out a case interrupted before its first timed round (ci/gpu.sh ends a phase past its timeout with
+    SIGINT): pytest-benchmark cannot summarize an empty case, and would write no JSON for the cases done."""
+    benchmarks[:] = [b for b in benchmarks if b.stats.data]
+    yield
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict) -> None:
