@@ -395,3 +395,90 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend must be"):
         fnn.FSQ([3, 3], backend="cuda")
     assert math.prod(fnn.FSQ([8, 5, 5, 5]).levels) == fnn.FSQ([8, 5, 5, 5]).codebook_size == 1000
+
+
+def test_rotation_trick_is_the_default_and_the_functions(backend, device):
+    """The default estimator is the rotation trick (vector-quantize-pytorch's): the module's output and
+    gradient are ``fastvae.vector_quantize(estimator="rotation")``'s on the same codebook."""
+    vq = fnn.VectorQuantize(4, 9, ema_update=False, backend=backend).to(device)
+    x = torch.randn(3, 5, 4, device=device, requires_grad=True)
+    quantized, indices, _ = vq(x)
+    ref = fastvae.vector_quantize(x, vq.codebook, estimator="rotation", backend=backend)
+    assert torch.equal(indices, ref.indices)
+    torch.testing.assert_close(quantized, ref.quantized)
+    w = torch.randn_like(x)
+    (g,) = torch.autograd.grad((quantized * w).sum(), x)
+    (gr,) = torch.autograd.grad((ref.quantized * w).sum(), x)
+    torch.testing.assert_close(g, gr)
+    assert not torch.allclose(g, w)  # rotated, not copied
+
+
+def test_cosine_ema_codebook_stays_on_the_sphere(backend, device):
+    """use_cosine_sim: vector-quantize-pytorch's CosineSimCodebook EMA, the smoothed mean of the unit tokens
+    l2-normalized."""
+    vq = fnn.VectorQuantize(3, 6, use_cosine_sim=True, decay=0.5, rotation_trick=False, backend=backend).to(device)
+    cb = vq._codebook
+    torch.testing.assert_close(cb.embed.norm(dim=-1), torch.ones(1, 6, device=device))
+    state = (cb.embed[0].double().clone(), cb.cluster_size[0].double().clone(), cb.embed_avg[0].double().clone())
+    x = torch.randn(40, 3, device=device)
+    quantized, indices, _ = vq(x)
+    u = F.normalize(x.double(), dim=-1)
+    ind = (u @ state[0].t()).argmax(-1)
+    assert torch.equal(indices, ind)
+    torch.testing.assert_close(quantized.double(), state[0][ind], rtol=1e-5, atol=1e-5)  # unit codes
+    (embed, _, _), _, _, _ = _lucidrains_ema_step(u, (state[0], state[1], state[2]), 0.5, 1e-5, 1.0)
+    torch.testing.assert_close(cb.embed[0].double(), F.normalize(embed, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_dead_codes_take_batch_tokens(backend, device):
+    vq = fnn.VectorQuantize(2, 5, decay=0.0, threshold_ema_dead_code=1.0, rotation_trick=False,
+                            generator=torch.Generator(device).manual_seed(0), backend=backend).to(device)
+    x = torch.randn(30, 2, device=device) + 10.0  # far from every initial code: one code takes every token
+    vq(x)
+    codes = vq._codebook.embed[0]
+    # four dead codes replaced by tokens of the batch, their counts reset to the threshold
+    is_token = (codes[:, None, :] == x[None]).all(-1).any(-1)
+    assert is_token.sum() >= 4
+    assert (vq._codebook.cluster_size[0] >= 1.0).all()
+
+
+def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial codebook on each rank
+    vq = fnn.VectorQuantize(3, 7, decay=0.7, kmeans_init=True, kmeans_iters=2, rotation_trick=False,
+                            generator=torch.Generator().manual_seed(rank), backend="torch")
+    assert vq.sync_codebook is None  # None: synced because torch.distributed runs with 2 processes
+    for step in range(2):
+        vq(torch.randn(20, 3, generator=torch.Generator().manual_seed(100 * step + rank)))
+    torch.save({k: v.clone() for k, v in vq.state_dict().items()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.torch_only  # the eager path by construction: once is enough
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
+def test_codebook_is_synced_over_processes(tmp_path):
+    """Two gloo processes with different batches: the k-means initialization is rank 0's, the EMA statistics
+    are all-reduced, so both ranks hold the same codebook, and it is the one a single process gets from the
+    two batches together."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    # the same two steps in one process, the ranks' batches side by side, from rank 0's k-means start
+    torch.manual_seed(0)
+    vq = fnn.VectorQuantize(3, 7, decay=0.7, kmeans_init=True, kmeans_iters=2, rotation_trick=False,
+                            generator=torch.Generator().manual_seed(0), backend="torch")
+    first = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    embed = fastvae.kmeans(first, 7, iters=2, generator=torch.Generator().manual_seed(0))
+    both = [torch.cat([torch.randn(20, 3, generator=torch.Generator().manual_seed(100 * s + r)) for r in range(2)])
+            for s in range(2)]
+    counts = torch.bincount(fastvae.vector_quantize(both[0], embed).indices, minlength=7).float()
+    vq._codebook.set_initialized(embed[None], counts[None])
+    for batch in both:
+        vq(batch)
+    torch.testing.assert_close(r0["_codebook.embed"], vq._codebook.embed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r0["_codebook.cluster_size"], vq._codebook.cluster_size, rtol=1e-5, atol=1e-5)
