@@ -36,9 +36,12 @@ FLOPs: 2 B^2 D on the tensor cores and B^2 exponentials (or reciprocals) a scale
 a few hundred. The reciprocals of the scales are fp32 scalar arguments (inv0, inv1, ...; a constexpr count):
 nothing is copied to the device for them, and a CUDA graph captures them as launch arguments.
 
-Every input is read where it lies, through its (row, column) strides: ``mu, logvar = h.chunk(2, dim=1)``
-needs no copy (a column stride of 1 is specialized by the JIT, so those loads stay vectorized); gradients
-are written through their buffers' strides. Row indices and sizes are int32 (a batch is far below 2^31 rows;
+The TC kernels read every input where it lies, through its (row, column) strides: ``mu, logvar =
+h.chunk(2, dim=1)`` needs no copy (a column stride of 1 is specialized by the JIT, so those loads stay
+vectorized); gradients are written through their buffers' strides. The MMD kernels take row-major (n, dim)
+tensors: three runtime row strides in the forward's distance loop cost registers that spill on sm_90 under
+triton 3.6 (half inputs, 80 bytes), and their inputs are O(n D) against O(n^2 D) work, so a strided x or y is
+copied by the host instead. Row indices and sizes are int32 (a batch is far below 2^31 rows;
 no index of a pair is ever formed); element offsets row * stride + column * stride are int32 unless the host
 finds that some tensor spans 2^31 elements or more (WIDE: int64 products, which cost twice the registers of an
 address).
@@ -225,8 +228,8 @@ def tc_bwd_cols_kernel(z_ptr, mu_ptr, lv_ptr, qz_ptr, lse_d_ptr, gqz_ptr, gprod_
 
 
 @triton.jit
-def _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, sa_r, sa_c, sb_r, sb_c, BLOCK_I: tl.constexpr,
-             BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
+def _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+             BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     """|a_i - b_j|^2 [BI, BJ] as |a|^2 + |b|^2 - 2 a.b, the dot product on the tensor cores."""
     dot = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     na = tl.zeros([BLOCK_I], tl.float32)
@@ -234,8 +237,8 @@ def _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, sa_r, sa_c, sb_r, sb_c, BLOCK_
     for k0 in range(0, dim, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < dim
-        a = _tile_rows(a_ptr, i, i_ok, k, k_ok, sa_r, sa_c, WIDE)
-        b = _tile_rows(b_ptr, j, j_ok, k, k_ok, sb_r, sb_c, WIDE)
+        a = _tile_rows(a_ptr, i, i_ok, k, k_ok, dim, 1, WIDE)
+        b = _tile_rows(b_ptr, j, j_ok, k, k_ok, dim, 1, WIDE)
         dot = tl.dot(a, tl.trans(b), dot, input_precision="tf32x3")
         na += tl.sum(a * a, axis=1)
         nb += tl.sum(b * b, axis=1)
@@ -287,38 +290,37 @@ def _pair_mask(i, i_ok, j, j_ok, n_b, SKIP_DIAG: tl.constexpr):
 
 
 @triton.jit
-def _mmd_block_sum(a_ptr, b_ptr, i, i_ok, n_b, dim, sa_r, sa_c, sb_r, sb_c, inv0, inv1,
+def _mmd_block_sum(a_ptr, b_ptr, i, i_ok, n_b, dim, inv0, inv1,
                    n_scales: tl.constexpr, IMQ: tl.constexpr, SKIP_DIAG: tl.constexpr, BLOCK_I: tl.constexpr,
                    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     acc = tl.zeros([BLOCK_I], tl.float32)
     for j0 in range(0, n_b, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         j_ok = j < n_b
-        d2 = _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, sa_r, sa_c, sb_r, sb_c, BLOCK_I, BLOCK_J, BLOCK_K, WIDE)
+        d2 = _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, BLOCK_I, BLOCK_J, BLOCK_K, WIDE)
         k = _kernel_value(d2, inv0, inv1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, n_scales, IMQ, False)
         acc += tl.sum(tl.where(_pair_mask(i, i_ok, j, j_ok, n_b, SKIP_DIAG), k, 0.0), axis=1)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def mmd_fwd_kernel(a_ptr, b1_ptr, b2_ptr, partial_ptr, n_a, n_b1, n_b2, dim, sa_r, sa_c, sb1_r, sb1_c, sb2_r, sb2_c,
-                   inv0, inv1, n_scales: tl.constexpr, coef1, coef2, IMQ: tl.constexpr, SKIP1: tl.constexpr,
-                   SKIP2: tl.constexpr, HAS_B2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                   BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
+def mmd_fwd_kernel(a_ptr, b1_ptr, b2_ptr, partial_ptr, n_a, n_b1, n_b2, dim, inv0, inv1, n_scales: tl.constexpr,
+                   coef1, coef2, IMQ: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr, HAS_B2: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     """partial[pid] = coef1 sum k(a_i, b1_j) + coef2 sum k(a_i, b2_j) over this program's rows i, k summing
     n_scales (1 or 2) scales."""
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = i < n_a
-    total = coef1 * _mmd_block_sum(a_ptr, b1_ptr, i, i_ok, n_b1, dim, sa_r, sa_c, sb1_r, sb1_c, inv0, inv1,
+    total = coef1 * _mmd_block_sum(a_ptr, b1_ptr, i, i_ok, n_b1, dim, inv0, inv1,
                                    n_scales, IMQ, SKIP1, BLOCK_I, BLOCK_J, BLOCK_K, WIDE)
     if HAS_B2:
-        total += coef2 * _mmd_block_sum(a_ptr, b2_ptr, i, i_ok, n_b2, dim, sa_r, sa_c, sb2_r, sb2_c, inv0, inv1,
+        total += coef2 * _mmd_block_sum(a_ptr, b2_ptr, i, i_ok, n_b2, dim, inv0, inv1,
                                         n_scales, IMQ, SKIP2, BLOCK_I, BLOCK_J, BLOCK_K, WIDE)
     tl.store(partial_ptr + tl.program_id(0), total)
 
 
 @triton.jit
-def _mmd_block_grad(acc, a, a_ptr, b_ptr, i, i_ok, kk, kk_ok, n_b, dim, sa_r, sa_c, sb_r, sb_c, inv0, inv1, inv2,
+def _mmd_block_grad(acc, a, a_ptr, b_ptr, i, i_ok, kk, kk_ok, n_b, dim, inv0, inv1, inv2,
                     inv3, inv4, inv5, inv6, inv7, n_scales: tl.constexpr, coef, IMQ: tl.constexpr,
                     SKIP_DIAG: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                     WIDE: tl.constexpr):
@@ -326,20 +328,19 @@ def _mmd_block_grad(acc, a, a_ptr, b_ptr, i, i_ok, kk, kk_ok, n_b, dim, sa_r, sa
     for j0 in range(0, n_b, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         j_ok = j < n_b
-        d2 = _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, sa_r, sa_c, sb_r, sb_c, BLOCK_I, BLOCK_J, BLOCK_K, WIDE)
+        d2 = _sq_dist(a_ptr, b_ptr, i, i_ok, j, j_ok, dim, BLOCK_I, BLOCK_J, BLOCK_K, WIDE)
         gk = coef * _kernel_value(d2, inv0, inv1, inv2, inv3, inv4, inv5, inv6, inv7, n_scales, IMQ, True)
         gk = tl.where(_pair_mask(i, i_ok, j, j_ok, n_b, SKIP_DIAG), gk, 0.0)
-        b = _tile_rows(b_ptr, j, j_ok, kk, kk_ok, sb_r, sb_c, WIDE)
+        b = _tile_rows(b_ptr, j, j_ok, kk, kk_ok, dim, 1, WIDE)
         acc += tl.sum(gk, axis=1)[:, None] * a - tl.dot(gk, b, input_precision="tf32x3")
     return acc
 
 
 @triton.jit
-def mmd_bwd_kernel(a_ptr, b1_ptr, b2_ptr, go_ptr, da_ptr, n_a, n_b1, n_b2, dim, sa_r, sa_c, sb1_r, sb1_c, sb2_r,
-                   sb2_c, sda_r, sda_c, inv0, inv1, inv2, inv3, inv4, inv5, inv6, inv7, n_scales: tl.constexpr,
-                   coef1, coef2, IMQ: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr, HAS_B2: tl.constexpr,
-                   ACCUMULATE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                   WIDE: tl.constexpr):
+def mmd_bwd_kernel(a_ptr, b1_ptr, b2_ptr, go_ptr, da_ptr, n_a, n_b1, n_b2, dim, inv0, inv1, inv2, inv3, inv4, inv5,
+                   inv6, inv7, n_scales: tl.constexpr, coef1, coef2, IMQ: tl.constexpr, SKIP1: tl.constexpr,
+                   SKIP2: tl.constexpr, HAS_B2: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_I: tl.constexpr,
+                   BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     """da = 2 grad_output (coef1 sum_j k'(d2) (a_i - b1_j) + coef2 ...) for the rows of program 0's axis and
     the dims of axis 1 (the distances are recomputed over every dim), summing n_scales (1 to 8) scales; with
     ACCUMULATE added to what an earlier launch (the next 8 scales) wrote there."""
@@ -347,17 +348,17 @@ def mmd_bwd_kernel(a_ptr, b1_ptr, b2_ptr, go_ptr, da_ptr, n_a, n_b1, n_b2, dim, 
     i_ok = i < n_a
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kk_ok = kk < dim
-    a = _tile_rows(a_ptr, i, i_ok, kk, kk_ok, sa_r, sa_c, WIDE)
+    a = _tile_rows(a_ptr, i, i_ok, kk, kk_ok, dim, 1, WIDE)
     acc = tl.zeros([BLOCK_I, BLOCK_K], tl.float32)
-    acc = _mmd_block_grad(acc, a, a_ptr, b1_ptr, i, i_ok, kk, kk_ok, n_b1, dim, sa_r, sa_c, sb1_r, sb1_c, inv0, inv1,
+    acc = _mmd_block_grad(acc, a, a_ptr, b1_ptr, i, i_ok, kk, kk_ok, n_b1, dim, inv0, inv1,
                           inv2, inv3, inv4, inv5, inv6, inv7, n_scales, coef1, IMQ, SKIP1, BLOCK_I, BLOCK_J,
                           BLOCK_K, WIDE)
     if HAS_B2:
-        acc = _mmd_block_grad(acc, a, a_ptr, b2_ptr, i, i_ok, kk, kk_ok, n_b2, dim, sa_r, sa_c, sb2_r, sb2_c, inv0,
+        acc = _mmd_block_grad(acc, a, a_ptr, b2_ptr, i, i_ok, kk, kk_ok, n_b2, dim, inv0,
                               inv1, inv2, inv3, inv4, inv5, inv6, inv7, n_scales, coef2, IMQ, SKIP2, BLOCK_I,
                               BLOCK_J, BLOCK_K, WIDE)
     go = tl.load(go_ptr).to(tl.float32)
-    offs = _offsets(i, kk, sda_r, sda_c, WIDE)
+    offs = _offsets(i, kk, dim, 1, WIDE)
     mask = i_ok[:, None] & kk_ok[None, :]
     out = 2.0 * go * acc
     if ACCUMULATE:

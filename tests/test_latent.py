@@ -645,8 +645,8 @@ def _copies(monkeypatch):
 
 def test_strided_inputs_are_read_in_place(backend, monkeypatch):
     """mu, logvar = h.chunk(2, dim=1) and a transposed z (tc), a chunk and a transposed y (mmd): the same
-    values and gradients as contiguous copies, with no copy of an input on the kernel path and gradients
-    in the input's layout where it is dense."""
+    values and gradients as contiguous copies; on the kernel path tc copies no input and returns gradients
+    in the input's layout where it is dense (mmd copies strided inputs row-major, by design)."""
     b, d = 7, 3
     g = torch.Generator().manual_seed(8)
     h = torch.randn(b, 2 * d, generator=g).to(DEVICE).requires_grad_()
@@ -668,12 +668,14 @@ def test_strided_inputs_are_read_in_place(backend, monkeypatch):
     if BACKEND == "triton":  # 4 per-row outputs and the (B, D) lse; dmu (contiguous: mu is a strided view),
         # dz and dlogvar (dense inputs: in their layouts, through alloc_like's flat buffer)
         assert sorted(allocs) == sorted([(b,)] * 4 + [(b, d)] * 2 + [(b * d,)] * 2), allocs
+    assert not copied, copied
     allocs.clear()
     out_m = _mmd_loss(h[:, :d], y_t.t(), backend)
     got_m = torch.autograd.grad(out_m, (h, y_t))
-    if BACKEND == "triton":  # the partial sums, the 0-d result, dx, dy (in y's transposed layout)
-        assert len(allocs) == 4 and allocs[1] == () and sorted(allocs[2:]) == sorted([(b, d), (5 * d,)]), allocs
-    assert not copied, copied
+    if BACKEND == "triton":  # the partial sums, the 0-d result, dx, dy; x and y copied row-major, by design
+        # (runtime strides in the MMD's distance loop spill on sm_90; the copies are O(n D) of O(n^2 D) work)
+        assert len(allocs) == 4 and allocs[1] == () and sorted(allocs[2:]) == [(5, d), (b, d)], allocs
+        assert sorted(copied) == [(5, d), (b, d)], copied
     monkeypatch.undo()
     h2, zt2, y2 = (t.detach().clone().requires_grad_() for t in (h, zt, y_t))
     mu2, lv2 = (t.contiguous() for t in h2.chunk(2, dim=1))

@@ -4,10 +4,12 @@ Forward saves O(B D) per-row statistics (the joint log-sum-exp, which is log q(z
 ones); backward recomputes every tile from them. Gradients are written by programs that own them (row tiles
 for z, column tiles for mu and logvar; row tiles of x and of y for the MMD): no float atomics.
 
-The inputs are read where they lie through their strides (no ``.contiguous()``: ``mu, logvar =
+The TC inputs are read where they lie through their strides (no ``.contiguous()``: ``mu, logvar =
 h.chunk(2, dim=1)``, a transposed z, an expanded logvar all launch as they are); a gradient comes back in its
-input's layout when that is dense, else contiguous. Under ``create_graph=True`` backward is the eager formula
-differentiated with the graph kept (``common.differentiable_backward``): torch's second-order numbers.
+input's layout when that is dense, else contiguous. The MMD takes row-major x and y (a strided one is copied:
+see kernels/latent.py, runtime strides spill there; O(n D) bytes against O(n^2 D) work). Under
+``create_graph=True`` backward is the eager formula differentiated with the graph kept
+(``common.differentiable_backward``): torch's second-order numbers.
 """
 
 import math
@@ -193,22 +195,20 @@ def _inv_chunks(scales: "list[float]", size: int) -> "list[tuple[list[float], in
 
 @common.custom_op("fastvae::mmd")
 def _mmd_op(x: Tensor, y: Tensor, scales: "list[float]", imq: bool, mode: str, out_dtype: torch.dtype) -> Tensor:
-    """MMD^2 (0-d, ``out_dtype``) of x (n, D) and y (m, D), each read through its strides, over the
-    ``scales`` (host floats)."""
+    """MMD^2 (0-d, ``out_dtype``) of the row-major x (n, D) and y (m, D) over the ``scales`` (host floats)."""
     (n, dim), m = x.shape, y.shape[0]
     cxx, cyy, cxy = _mmd_plan(n, m, mode)
     gx, gy = triton.cdiv(n, MMD_FWD_BLOCK_I), triton.cdiv(m, MMD_FWD_BLOCK_I)
     chunks = _inv_chunks(scales, MMD_FWD_SCALES)
     partials = common.alloc(x, ((gx + gy) * len(chunks),), torch.float32)
     skip, paired = mode != "biased", mode == "paired"
-    sx, sy = x.stride(), y.stride()
     cfg = dict(BLOCK_I=MMD_FWD_BLOCK_I, BLOCK_J=MMD_FWD_BLOCK_J, BLOCK_K=_mmd_k(dim), WIDE=_wide(x, y),
                num_warps=MMD_WARPS)
     for c, (inv, count) in enumerate(chunks):
         part = partials[c * (gx + gy):]
-        latent_k.mmd_fwd_kernel[(gx,)](x, x, y, part, n, n, m, dim, *sx, *sx, *sy, *inv, count, cxx, -2.0 * cxy,
+        latent_k.mmd_fwd_kernel[(gx,)](x, x, y, part, n, n, m, dim, *inv, count, cxx, -2.0 * cxy,
                                        IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, **cfg)
-        latent_k.mmd_fwd_kernel[(gy,)](y, y, y, part[gx:], m, m, m, dim, *sy, *sy, *sy, *inv, count, cyy, 0.0,
+        latent_k.mmd_fwd_kernel[(gy,)](y, y, y, part[gx:], m, m, m, dim, *inv, count, cyy, 0.0,
                                        IMQ=imq, SKIP1=skip, SKIP2=False, HAS_B2=False, **cfg)
     return common.finish_sum(partials, 1.0, out_dtype)
 
@@ -223,11 +223,10 @@ def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, scales: "list[float]", 
                      ) -> "tuple[Tensor, Tensor]":
     (n, dim), m = x.shape, y.shape[0]
     cxx, cyy, cxy = _mmd_plan(n, m, mode)
-    dx, dy = _grad_buffer(x), _grad_buffer(y)
+    dx, dy = common.alloc(x, x.shape), common.alloc(y, y.shape)
     go = grad.reshape(1)
     skip, paired = mode != "biased", mode == "paired"
     bk = _mmd_k(dim)
-    sx, sy = x.stride(), y.stride()
     wide = _wide(x, y, dx, dy)
     cfg = dict(IMQ=imq, SKIP1=skip, SKIP2=paired, HAS_B2=True, BLOCK_I=MMD_BLOCK_I, BLOCK_J=MMD_BLOCK_J,
                BLOCK_K=bk, WIDE=wide, num_warps=MMD_WARPS)
@@ -236,17 +235,17 @@ def _mmd_backward_op(grad: Tensor, x: Tensor, y: Tensor, scales: "list[float]", 
         inv = inv + [0.0] * (8 - len(inv))  # the kernel's 8 scale arguments
         # d/da of c sum_ij k(a_i, a_j) counts each pair twice: 2 c; the cross term's -2 c_xy once from each side
         latent_k.mmd_bwd_kernel[(triton.cdiv(n, MMD_BLOCK_I), triton.cdiv(dim, bk))](
-            x, x, y, go, dx, n, n, m, dim, *sx, *sx, *sy, *dx.stride(), *inv, count, 2.0 * cxx, -2.0 * cxy,
+            x, x, y, go, dx, n, n, m, dim, *inv, count, 2.0 * cxx, -2.0 * cxy,
             ACCUMULATE=c > 0, **cfg)
         latent_k.mmd_bwd_kernel[(triton.cdiv(m, MMD_BLOCK_I), triton.cdiv(dim, bk))](
-            y, y, x, go, dy, m, m, n, dim, *sy, *sy, *sx, *dy.stride(), *inv, count, 2.0 * cyy, -2.0 * cxy,
+            y, y, x, go, dy, m, m, n, dim, *inv, count, 2.0 * cyy, -2.0 * cxy,
             ACCUMULATE=c > 0, **cfg)
     return dx, dy
 
 
 @_mmd_backward_op.register_fake
 def _(grad, x, y, scales, imq, mode):
-    return _fake_grad(x), _fake_grad(y)
+    return x.new_empty(x.shape), y.new_empty(y.shape)
 
 
 def _mmd_setup(ctx, inputs, output):
@@ -275,4 +274,6 @@ _mmd_op.register_autograd(_mmd_backward, setup_context=_mmd_setup)
 
 def mmd(x: Tensor, y: Tensor, *, kernel: str, scales: "list[float]", mode: str, out_dtype: torch.dtype) -> Tensor:
     """Validated arguments in, MMD^2 (0-d, ``out_dtype``) out."""
-    return _mmd_op(x, y, list(scales), kernel == "imq", mode, out_dtype)
+    # row-major for the kernels (a no-op when already so): runtime row strides spill the forward on sm_90, and
+    # the O(n D) copy is small beside the O(n^2 D) pairs
+    return _mmd_op(x.contiguous(), y.contiguous(), list(scales), kernel == "imq", mode, out_dtype)
