@@ -146,7 +146,7 @@ class Inputs:
         self.device = device
         self.gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         self.leaves: list[torch.Tensor] = []
-        self._made: list[torch.Tensor] = []
+        self._made: list[Any] = []
         self._next = 0
 
     def rewind(self) -> Inputs:
@@ -173,6 +173,17 @@ class Inputs:
 
     def unit(self, *shape: int, grad: bool = False) -> torch.Tensor:
         return self._put(torch.rand(shape, generator=self.gen), grad)
+
+    def module(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """A module built from the same seed on every device, moved there once: later calls reuse it."""
+        self._next += 1
+        if self._next <= len(self._made):
+            return self._made[self._next - 1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=self.gen)))
+            m = make().to(self.device)
+        self._made.append(m)
+        return m
 
     def counts(self, *shape: int) -> torch.Tensor:
         return self._put(torch.randint(0, 6, shape, generator=self.gen).float(), False)
@@ -280,6 +291,15 @@ OPS: dict[str, OpCall] = {
     "nn.BetaTCVAELoss": OpCall(
         "latent", lambda i: fv.nn.BetaTCVAELoss(dataset_size=600)(i.randn(12, 33), i.unit(12, 33), i.randn(12, 4),
                                                                  i.randn(12, 4), i.randn(12, 4, scale=0.5))),
+    "nn.VectorQuantize": OpCall(
+        "vq", lambda i: i.module(lambda: fv.nn.VectorQuantize(dim=4, codebook_size=16))(i.randn(2, 9, 4))),
+    "nn.ResidualVQ": OpCall(
+        "vq",
+        lambda i: i.module(lambda: fv.nn.ResidualVQ(dim=4, num_quantizers=2, codebook_size=16))(i.randn(2, 9, 4))),
+    "nn.FSQ": OpCall("vq", lambda i: i.module(lambda: fv.nn.FSQ([8, 5, 5]))(i.randn(2, 9, 3))),
+    "nn.LFQ": OpCall("vq", lambda i: i.module(lambda: fv.nn.LFQ(codebook_size=64))(i.randn(2, 9, 6))),
+    "nn.GumbelQuantize": OpCall(
+        "vq", lambda i: i.module(lambda: fv.nn.GumbelQuantize(8, 4, 16))(i.randn(2, 8, 3, 3)), random=True),
     "nn.MMDVAELoss": OpCall(
         "latent", lambda i: fv.nn.MMDVAELoss()(i.randn(16, 33), i.unit(16, 33), i.randn(16, 4), i.randn(16, 4),
                                               i.randn(16, 4, scale=0.5)), random=True),
