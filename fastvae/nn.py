@@ -544,6 +544,19 @@ class VectorQuantize(torch.nn.Module):
         e = self._codebook.embed
         return e if self.separate_codebook_per_head else e[0]
 
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """The codes of ``indices`` (forward's), features last: (..., heads * codebook_dim), before project_out."""
+        e = self._codebook.embed
+        idx = indices.unsqueeze(-1) if self.heads == 1 else indices
+        heads = torch.arange(self.heads, device=idx.device)
+        codes = e[heads if self.separate_codebook_per_head else 0, idx]  # (..., heads, codebook_dim)
+        return codes.flatten(-2)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """What forward returns as ``quantized`` for these indices (its value), in the input's layout."""
+        out = self.project_out(self.get_codes_from_indices(indices))
+        return out.movedim(-1, 1) if (self.accept_image_fmap or not self.channel_last) else out
+
     def _features_last(self, x: Tensor) -> Tensor:
         """x as (..., dim), a view: (B, C, H, W) maps and channel-first sequences moved, not copied."""
         return x.movedim(1, -1) if (self.accept_image_fmap or not self.channel_last) else x
@@ -695,6 +708,16 @@ class ResidualVQ(torch.nn.Module):
         """(num_quantizers, K, codebook_dim)."""
         return self._codebook.embed
 
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """(num_quantizers, ..., codebook_dim): each stage's codes of ``indices`` (..., num_quantizers)."""
+        e = self._codebook.embed
+        return torch.stack([e[s][indices[..., s]] for s in range(self.num_quantizers)])
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """The sum of the stages' codes through project_out, in the input's layout (forward's value)."""
+        out = self.project_out(self.get_codes_from_indices(indices).sum(0))
+        return out.movedim(-1, 1) if (self.accept_image_fmap or not self.channel_last) else out
+
     def _residuals(self, tokens: Tensor, indices: Tensor) -> Tensor:
         """(S, N, D): r_s = z - sum_{j<s} e_j[index_j] of the tokens (N, D), detached."""
         e = self._codebook.embed.detach()
@@ -817,6 +840,23 @@ class LFQ(torch.nn.Module):
         self.project_out = torch.nn.Linear(inner, dim) if inner != dim else torch.nn.Identity()
         self.last = None
 
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """The codes (+-codebook_scale per bit) of ``indices`` in this module's ``index_order``, through
+        project_out, the channels in dim 1 for images (as forward returns them)."""
+        idx = indices if self.keep_num_codebooks_dim else indices.unsqueeze(-1)
+        image = indices.dim() >= 3 + int(self.keep_num_codebooks_dim)
+        channel_first = image if self.channel_first is None else self.channel_first
+        d = self.codebook_dims
+        shifts = torch.arange(d, device=idx.device)
+        if self.index_order == "msb":
+            shifts = d - 1 - shifts
+        bits = (idx.unsqueeze(-1) >> shifts) & 1
+        codes = (bits.to(torch.get_default_dtype()) * 2 - 1) * self.codebook_scale
+        codes = codes.flatten(-2)
+        if project_out:
+            codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if channel_first else codes
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(quantized in x's shape, indices int64, aux_loss 0-d)."""
         channel_first = x.dim() >= 4 if self.channel_first is None else self.channel_first
@@ -872,6 +912,19 @@ class FSQ(torch.nn.Module):
         self.backend = _check_backend(backend)
         self.project_in = torch.nn.Linear(self.dim, inner) if inner != self.dim else torch.nn.Identity()
         self.project_out = torch.nn.Linear(inner, self.dim) if inner != self.dim else torch.nn.Identity()
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """The codes of ``indices`` (each channel's level, scaled to [-1, 1]) through project_out, the channels
+        in dim 1 for images or with ``channel_first`` (as forward returns them)."""
+        idx = indices if self.keep_num_codebooks_dim else indices.unsqueeze(-1)
+        image = indices.dim() >= 3 + int(self.keep_num_codebooks_dim)
+        levels = torch.tensor(self.levels, device=idx.device)
+        basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)
+        half = levels // 2
+        digits = (idx.unsqueeze(-1) // basis) % levels
+        codes = ((digits - half).to(torch.get_default_dtype()) / half).flatten(-2)
+        codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if (image or self.channel_first) else codes
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(quantized in x's shape, indices int64)."""

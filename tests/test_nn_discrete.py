@@ -482,3 +482,29 @@ def test_codebook_is_synced_over_processes(tmp_path):
         vq(batch)
     torch.testing.assert_close(r0["_codebook.embed"], vq._codebook.embed, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r0["_codebook.cluster_size"], vq._codebook.cluster_size, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vq", "vq_heads_fmap", "vq_shared_heads_project", "rvq", "lfq", "lfq_msb_image",
+                                  "fsq", "fsq_image_codebooks"])
+def test_codes_from_indices_are_forwards_output(kind, backend, device):
+    """get_output_from_indices / indices_to_codes (vector-quantize-pytorch's names) give back what forward
+    returned for those indices: the decoding side of a prior over the codes."""
+    build, shape = {
+        "vq": (lambda: fnn.VectorQuantize(4, 9, backend=backend), (2, 5, 4)),
+        "vq_heads_fmap": (lambda: fnn.VectorQuantize(4, 9, heads=2, separate_codebook_per_head=True,
+                                                     accept_image_fmap=True, backend=backend), (2, 4, 3, 3)),
+        "vq_shared_heads_project": (lambda: fnn.VectorQuantize(6, 9, heads=2, codebook_dim=2, backend=backend),
+                                    (2, 5, 6)),
+        "rvq": (lambda: fnn.ResidualVQ(dim=4, num_quantizers=3, codebook_size=9, backend=backend), (2, 5, 4)),
+        "lfq": (lambda: fnn.LFQ(codebook_size=16, backend=backend), (2, 5, 4)),
+        "lfq_msb_image": (lambda: fnn.LFQ(codebook_size=8, index_order="msb", num_codebooks=2, backend=backend),
+                          (2, 6, 3, 3)),
+        "fsq": (lambda: fnn.FSQ([8, 5, 3], backend=backend), (2, 5, 3)),
+        "fsq_image_codebooks": (lambda: fnn.FSQ([4, 3], num_codebooks=2, backend=backend), (2, 4, 3, 3)),
+    }[kind]
+    module = build().to(device).eval()
+    x = torch.randn(shape, device=device) * 2
+    quantized, indices = module(x)[:2]
+    decode = module.get_output_from_indices if hasattr(module, "get_output_from_indices") else \
+        module.indices_to_codes
+    torch.testing.assert_close(decode(indices), quantized, rtol=1e-5, atol=1e-5)
