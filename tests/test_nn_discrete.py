@@ -456,6 +456,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes to start: seconds of imports
 @pytest.mark.torch_only  # the eager path by construction: once is enough
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 def test_codebook_is_synced_over_processes(tmp_path):
