@@ -142,6 +142,16 @@ def test_discrete_latents_log_codebook_usage(latent, tmp_path):
         assert ckpt["model"]["quantizer._codebook.initted"].item() == 1
 
 
+def test_discrete_resume_restores_the_codebook(tmp_path):
+    """--latent vq, 1 epoch then --resume to 2: the metrics of the uninterrupted run (the EMA codebook and its
+    statistics come back from the checkpoint, and the k-means initialization does not run again)."""
+    args = ["--latent", "vq", "--codebook-size", "32", "--latent-dim", "2", "--batch-size", "256", "--device", "cpu"]
+    assert train.main([*args, "--epochs", "2", "--out", str(tmp_path / "full")]) == 0
+    assert train.main([*args, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
+    assert train.main(["--resume", str(tmp_path / "part"), "--epochs", "2"]) == 0
+    assert_same_metrics(read_metrics(tmp_path / "part"), read_metrics(tmp_path / "full"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--latent", "vq", "--objective", "iwae"], "--latent vq trains the ELBO"),
     (["--latent", "fsq", "--codebook-size", "100"], "--latent fsq: FSQ levels are tabulated"),
