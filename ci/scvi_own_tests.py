@@ -1,7 +1,7 @@
 """scvi-tools' own tests of what fastvae patches, unpatched and patched: every test that passes on scvi's own
 code must pass with ``fastvae.integrations.scvi.apply()``.
 
-    python ci/scvi_own_tests.py SCVI_SOURCE_DIR [--backend torch|triton] [--patched-only]
+    python ci/scvi_own_tests.py SCVI_SOURCE_DIR [--backend torch|triton] [TEST_ID ...]
 
 SCVI_SOURCE_DIR is an unpacked scvi-tools sdist (its tests/ folder; the wheel ships none). The selection is
 the distribution tests (NegativeBinomial / ZeroInflatedNegativeBinomial against log_nb_positive /
@@ -30,14 +30,14 @@ SELECTION = [
 CI = Path(__file__).resolve().parent
 
 
-def run(src: Path, patched: bool, backend: str | None) -> tuple[set[str], dict[str, str]]:
-    """(passed test ids, {failed test id: message}) of one pytest run over SELECTION in ``src``."""
+def run(src: Path, patched: bool, backend: str | None, tests: list[str]) -> tuple[set[str], dict[str, str]]:
+    """(passed test ids, {failed test id: message}) of one pytest run over ``tests`` in ``src``."""
     env = dict(os.environ, FASTVAE_SCVI_PATCH="1" if patched else "0", FASTVAE_SCVI_BACKEND=backend or "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CI), env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "fastvae_scvi_plugin",
-               "-W", "ignore", f"--junitxml={report}", *SELECTION]
+               "-W", "ignore", f"--junitxml={report}", *tests]
         print(("patched" if patched else "unpatched") + ":", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=src, env=env, check=False)
         passed, failed = set(), {}
@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path)
     ap.add_argument("--backend", choices=["torch", "triton"], default=None)
+    ap.add_argument("tests", nargs="*", default=SELECTION, help="test ids in SCVI_SOURCE_DIR (default: SELECTION)")
     args = ap.parse_args(argv)
-    base, base_failed = run(args.src, False, None)
-    ours, ours_failed = run(args.src, True, args.backend)
+    base, base_failed = run(args.src, False, None, args.tests)
+    ours, ours_failed = run(args.src, True, args.backend, args.tests)
     print(f"unpatched: {len(base)} passed, {len(base_failed)} failed; patched: {len(ours)} passed, "
           f"{len(ours_failed)} failed")
     for name, msg in sorted(base_failed.items()):
