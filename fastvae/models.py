@@ -294,9 +294,12 @@ class DiscreteVAE(nn.Module):
         return DiscreteOutput(x_hat, logvar_x, indices, loss, kl)
 
     def usage(self, indices: Tensor) -> Tensor:
-        """Per-code counts of ``indices``, (codebooks, K): one row per rvq stage, else one."""
+        """Per-code counts of ``indices``, (codebooks, K): one row per rvq stage, else one. A scatter-add of ones
+        (integer adds: exact in any order), where torch.bincount reads the largest index back to the host on
+        CUDA to size its output."""
         rows = indices.reshape(-1, self.num_quantizers).t()
-        return torch.stack([fastvae.codebook_usage(r, self.codebook_size).counts for r in rows])
+        counts = torch.zeros(rows.shape[0], self.codebook_size, dtype=torch.int64, device=indices.device)
+        return counts.scatter_add_(1, rows, torch.ones_like(rows))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
