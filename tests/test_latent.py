@@ -376,21 +376,6 @@ def test_mmd_bad_input(backend):
         fastvae.mmd(x, x.long(), **kw)
 
 
-def _cpu_peak_bytes(call) -> int:
-    """Peak of the bytes torch's CPU allocator holds during ``call`` above what it held before."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 @pytest.mark.skipif(BACKEND != "triton" or DEVICE != "cpu", reason="the kernels' memory, under the interpreter")
 def test_tc_kernel_memory_is_linear_in_the_batch():
     """Forward and backward at B = 1024 hold O(B D) above the inputs: the per-row outputs, the (B, D) per-dim
@@ -403,7 +388,9 @@ def test_tc_kernel_memory_is_linear_in_the_batch():
         out = fastvae.tc_decomposition(z, mu, lv, dataset_size=10 * b, backend="triton")
         (out.mutual_info + 2 * out.total_correlation + 3 * out.dimwise_kl).backward()
 
-    peak = _cpu_peak_bytes(step)
+    from _memory import cpu_peak_bytes
+
+    peak = cpu_peak_bytes(step)
     inputs = 3 * b * d * 4
     assert 0 < peak <= 4 * inputs, (peak, inputs)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (z, mu, lv))
