@@ -54,7 +54,8 @@ def log_full(v):
     log v = log m - 149 log 2 with only normal arguments; v = 0 gives log 0 = -inf, the right limit."""
     bits = v.to(tl.int32, bitcast=True)
     sub = (bits >= 0) & (bits < MIN_NORMAL_BITS)  # +0 and the positive subnormals (a negative v has bit 31 set)
-    return tl.where(sub, tl.log(bits.to(tl.float32)) - 149.0 * LN2, tl.log(v))
+    # one log of a normal (or zero) argument either way: the MUFU cost of the plain log
+    return tl.log(tl.where(sub, bits.to(tl.float32), v)) - tl.where(sub, 149.0 * LN2, 0.0)
 
 
 @triton.jit
@@ -65,7 +66,8 @@ def reciprocal_full(v):
     bits = v.to(tl.int32, bitcast=True)
     sub = (bits >= 0) & (bits < MIN_NORMAL_BITS)
     m = tl.maximum(bits, 1).to(tl.float32)  # bits = 0 (v = 0) gives 2^149: inf after the scaling, as 1/0
-    return tl.where(sub, ((1.0 / m) * 3.777893186295716e22) * 1.8889465931478581e22, 1.0 / v)  # 2^75, 2^74
+    q = 1.0 / tl.where(sub, m, v)  # one division either way
+    return tl.where(sub, (q * 3.777893186295716e22) * 1.8889465931478581e22, q)  # 2^75, then 2^74
 
 
 @triton.jit
