@@ -83,6 +83,9 @@ def apply(backend: str | None = None) -> list[str]:
     _, original = _patches.lookup(_MODULE, _NAME)
     _, original_vq = _patches.lookup(_MODULE, _VQ_NAME)
     require("diffusers.models.autoencoders", "diffusers", "diffusers")  # imports every autoencoder module
+    # VQModel's module (diffusers.models.vq_model before 0.28, lazily imported): imported before the swap, so
+    # that it is patched and reverted like the rest
+    getattr(sys.modules["diffusers"], "VQModel", None)
     swaps = ((_NAME, original, _with_backend(backend)),
              (_VQ_NAME, original_vq, _vector_quantizer(original_vq, backend)))
     patched = set()
