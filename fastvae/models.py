@@ -13,6 +13,9 @@ log-variance per pixel, ``logvar_x``, for ``fastvae.nn.ELBOLoss(likelihood="gaus
     loss = fastvae.nn.ELBOLoss(var=0.1)(out.x_hat, x, out.mu, out.logvar)
     loss.backward()
 
+``DiscreteVAE`` puts the same encoder and decoder around a discrete bottleneck (``fastvae.nn``'s VectorQuantize,
+ResidualVQ, LFQ, FSQ or GumbelQuantize): ``python -m fastvae.train --latent vq``.
+
 ``backend``: as fastvae's functions take it; None (the default) follows ``fastvae.set_backend`` at each call.
 """
 
