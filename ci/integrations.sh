@@ -4,7 +4,7 @@
 # TRITON_INTERPRET=1 (each its own pytest process), then scvi-tools' own tests of what fastvae patches (its
 # distribution tests and the SCVI model tests, from the sdist of the installed version: the wheel ships no tests)
 # unpatched and with fastvae.integrations.scvi applied: every test that passes on scvi's code must pass patched
-# (ci/scvi_own_tests.py, about two minutes a run on two cores).
+# (ci/scvi_own_tests.py: four tests, a few minutes a run on two cores).
 #
 #   newest   the newest diffusers and scvi-tools the registry serves (what a new user gets)
 #   lowest   the lowest versions pyproject's extras declare (diffusers with the huggingface_hub it was released

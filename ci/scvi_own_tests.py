@@ -8,8 +8,8 @@ the distribution tests (NegativeBinomial / ZeroInflatedNegativeBinomial against 
 log_zinb_positive, shapes, sampling, validation) and the SCVI model tests that train one epoch with the ZINB
 and NB gene likelihoods and then run the posterior-predictive paths (get_marginal_ll, get_elbo, ... with a
 leading sample dim): four tests, a few minutes a run on two cores. Each run is its own pytest process (a
-JUnit XML report read back); the interpreter is the one running this script. Exit status 1 when a test passes unpatched but not
-patched, or when nothing passes unpatched (an empty comparison proves nothing).
+JUnit XML report read back); the interpreter is the one running this script. Exit status 1 when a test
+passes unpatched but not patched, or when nothing passes unpatched (an empty comparison proves nothing).
 """
 
 from __future__ import annotations
