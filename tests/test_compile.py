@@ -27,9 +27,17 @@ class _VAE(torch.nn.Module):
         return nll + self.elbo(self.dec(mu), x, mu, logvar)
 
 
-def test_compile_fullgraph_step_matches_eager(monkeypatch):
-    # inductor draws its own random numbers unless told to fall back to torch's generator
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compile_fullgraph_step_matches_eager():
+    # inductor draws its own random numbers unless told to fall back to torch's generator; config.patch, not
+    # monkeypatch: undoing a monkeypatch deletes the entry on some torch versions, hiding it from every later
+    # compile in the process ("torch._inductor.config.fallback_random does not exist")
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        _step_matches_eager()
+
+
+def _step_matches_eager() -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, x = _VAE(), torch.randn(8, 16)

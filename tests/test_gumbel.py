@@ -137,9 +137,8 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the eager path's compile test")
-def test_compiles_without_graph_break(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiles_without_graph_break():
     x = torch.randn(6, 9, requires_grad=True)
-    fn = lambda x: fastvae.gumbel_softmax_kl(x, 0.5)[1]  # noqa: E731
+    fn = lambda x: fastvae.gumbel_softmax_kl(x, 0.5)[1]  # noqa: E731  (the KL: no noise to compare)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))

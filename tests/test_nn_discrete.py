@@ -442,20 +442,6 @@ def test_dead_codes_take_batch_tokens(backend, device):
     assert (vq._codebook.cluster_size[0] >= 1.0).all()
 
 
-def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(0)  # the same initial codebook on each rank
-    vq = fnn.VectorQuantize(3, 7, decay=0.7, kmeans_init=True, kmeans_iters=2, rotation_trick=False,
-                            generator=torch.Generator().manual_seed(rank), backend="torch")
-    assert vq.sync_codebook is None  # None: synced because torch.distributed runs with 2 processes
-    for step in range(2):
-        vq(torch.randn(20, 3, generator=torch.Generator().manual_seed(100 * step + rank)))
-    torch.save({k: v.clone() for k, v in vq.state_dict().items()}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow  # two processes to start: seconds of imports
 @pytest.mark.torch_only  # the eager path by construction: once is enough
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
@@ -464,8 +450,9 @@ def test_codebook_is_synced_over_processes(tmp_path):
     are all-reduced, so both ranks hold the same codebook, and it is the one a single process gets from the
     two batches together."""
     import torch.multiprocessing as mp
+    from _vq_dist import ddp_worker
 
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key

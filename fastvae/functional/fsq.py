@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from .._checks import check_tensor, use_triton
 from ..reference import fsq as fsq_ref
+from ..reference import vq as vq_ref
 from .vq import _token_view
 
 __all__ = ["FSQOutput", "finite_scalar_quantize"]
@@ -73,7 +73,7 @@ def finite_scalar_quantize(
         counts = counts if histogram else None
     else:
         q, indices = fsq_ref.fsq(zt, list(levels))
-        counts = torch.bincount(indices.reshape(-1), minlength=k) if histogram else None
+        counts = vq_ref.histogram(indices.reshape(-1), k) if histogram else None
     quantized = q.movedim(-1, dim)
     if z.is_contiguous():
         quantized = quantized.contiguous()

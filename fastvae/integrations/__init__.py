@@ -1,5 +1,6 @@
 """Explicit patches that put an outside library's own names on fastvae's kernels, one module per library,
-imported only when used (neither library is a dependency: ``pip install fastvae[diffusers]`` / ``[scvi]``):
+imported only when used (neither library is a dependency: ``pip install -e '.[diffusers]'`` / ``'.[scvi]'`` from
+a checkout):
 
     import fastvae.integrations.diffusers as fv_diffusers
     fv_diffusers.apply()      # diffusers' DiagonalGaussianDistribution is fastvae's, everywhere diffusers builds it,
@@ -29,7 +30,8 @@ def require(module: str, dist: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"fastvae.integrations.{extra} needs {dist}: pip install 'fastvae[{extra}]' ({e})") from e
+        raise ImportError(f"fastvae.integrations.{extra} needs {dist}: pip install {dist} (in a fastvae checkout: "
+                          f"pip install -e '.[{extra}]') ({e})") from e
 
 
 def installed_version(dist: str) -> str:

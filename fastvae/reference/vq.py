@@ -80,10 +80,18 @@ def vq_losses(z: Tensor, z_q: Tensor) -> tuple[Tensor, Tensor]:
     return commitment.to(out_dtype), codebook.to(out_dtype)
 
 
+def histogram(indices: Tensor, size: int) -> Tensor:
+    """Counts of each value in [0, size) of int ``indices``: a scatter-add of ones into a (size,) int64 buffer.
+    torch.bincount reads the largest index back to the host on CUDA (a sync every call); integer adds are
+    exact in any order, so this is as deterministic."""
+    return torch.zeros(size, dtype=torch.int64, device=indices.device).scatter_add_(
+        0, indices.long(), torch.ones_like(indices, dtype=torch.int64))
+
+
 def codebook_usage(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(counts (K,) int64, perplexity exp(H(p)) with p = counts / N and 0 log 0 = 0, active codes): from the
     indices by a histogram, no one-hot; computed on the device, nothing read on the host."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size)
+    counts = histogram(indices.reshape(-1), codebook_size)
     p = counts.to(torch.float32) / max(indices.numel(), 1)
     entropy = -torch.special.xlogy(p, p).sum()
     return counts, entropy.exp(), (counts > 0).sum()
@@ -93,7 +101,7 @@ def code_sums(z: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, T
     """(counts (K,), per-code sums of the tokens (K, D)) in a fixed order: the tokens sorted by code (a stable
     sort) and each code's run summed in sequence, so the result is bitwise the same on every run; index_add_
     would take float atomics on CUDA, whose order (and rounding) changes between runs."""
-    counts = torch.bincount(indices, minlength=codebook_size)
+    counts = histogram(indices, codebook_size)
     order = torch.argsort(indices, stable=True)
     sums = torch.segment_reduce(z[order], "sum", lengths=counts, axis=0, unsafe=True, initial=0)
     return counts, sums
