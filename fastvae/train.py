@@ -197,8 +197,8 @@ def load_data(name: str, data_dir: str, download: bool) -> tuple[torch.Tensor, t
     try:
         from torchvision import datasets
     except ImportError:
-        raise CLIError(f"--dataset {name} needs torchvision, from the index your torch came from (a CPU torch: pip "
-                       "install torchvision --index-url https://download.pytorch.org/whl/cpu)") from None
+        raise CLIError(f"--dataset {name} needs torchvision: pip install torchvision from the index your torch came "
+                       "from (a CPU torch: --index-url https://download.pytorch.org/whl/cpu)") from None
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     try:
         train, test = (cls(data_dir, train=t, download=download) for t in (True, False))
