@@ -52,12 +52,14 @@ from .functional import (
     vector_quantize,
     zinb_nll,
 )
+from .functional.likelihoods import LossDtypeError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "active_path",
     "DeviceError",
+    "LossDtypeError",
     "get_backend",
     "get_default_validate_args",
     "set_backend",
