@@ -172,9 +172,11 @@ def test_triton_where_it_cannot_run_raises(monkeypatch):
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("FASTVAE_BACKEND", "TRITON_INTERPRET")}
-    environ.update(env, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    # the installed fastvae, not the checkout's directory: a wheel's fastvae.kernels exists only installed
+    # (package-dir maps kernels/ there), so neither the checkout nor the cwd goes on the path
+    environ.update(env, PYTHONPATH=str(ROOT / "tests"), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, env=environ, cwd=ROOT)
+                          timeout=300, env=environ, cwd=ROOT / "tests")
 
 
 @pytest.mark.parametrize("value, expect", [("torch", "torch"), ("TRITON", "triton"), (" triton ", "triton"),

@@ -200,12 +200,17 @@ def test_device_mismatch_is_a_runtime_error_as_in_torch():
 def test_argument_checks_do_not_import_sympy():
     """torch.broadcast_shapes imports sympy on first use (seconds in a fresh process): a first loss call in a
     bare script must not pay it."""
+    import os
     import subprocess
     import sys
 
-    code = ("import sys, torch, fastvae; x = torch.randn(4, 3); "
+    code = ("import sys, torch; before = 'sympy' in sys.modules; import fastvae; x = torch.randn(4, 3); "
             "fastvae.gaussian_nll_loss(x, torch.randn(1, 3), 1.0); fastvae.poisson_nll_loss(x, x.exp()); "
-            "print('sympy' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            "print(before, 'sympy' in sys.modules)")
+    here = os.path.dirname(os.path.abspath(__file__))  # not the checkout's root: the installed fastvae
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=here,
                          env={"PATH": "", "FASTVAE_BACKEND": "torch"})
-    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    before, after = out.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports sympy itself at import")
+    assert after == "False", out.stdout + out.stderr

@@ -23,7 +23,8 @@ def test_missing_library_names_the_extra(monkeypatch):
     import fastvae.integrations.diffusers as fv_diffusers
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'fastvae\[diffusers\]'"):
+    extra = r"needs diffusers: pip install diffusers \(in a fastvae checkout: pip install -e '\.\[diffusers\]'\)"
+    with pytest.raises(ImportError, match=extra):
         fv_diffusers.apply()
 
 

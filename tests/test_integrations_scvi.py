@@ -25,7 +25,8 @@ def test_missing_library_names_the_extra(monkeypatch):
     import fastvae.integrations.scvi as fv_scvi
 
     monkeypatch.setitem(sys.modules, "scvi", None)
-    with pytest.raises(ImportError, match=r"pip install 'fastvae\[scvi\]'"):
+    extra = r"needs scvi-tools: pip install scvi-tools \(in a fastvae checkout: pip install -e '\.\[scvi\]'\)"
+    with pytest.raises(ImportError, match=extra):
         fv_scvi.apply()
 
 
