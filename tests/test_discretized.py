@@ -1070,34 +1070,6 @@ def test_sampler_key_uses_all_64_bits():
     assert torch.equal(a, _dmol_sample_op(p, lo.clone(), 3, 3, False)) and not torch.equal(a, b)
 
 
-@pytest.fixture
-def gpu_math(monkeypatch):
-    """The GPU's fp32 tl.exp / tl.log / division as Triton compiles them (approximate instructions that flush
-    subnormal inputs and results to zero), which the interpreter otherwise computes exactly."""
-    import triton.runtime.interpreter as interp
-
-    tiny = np.finfo(np.float32).tiny
-
-    def ftz(a):
-        if a.dtype != np.float32:
-            return a
-        return np.where(np.abs(a) < tiny, np.copysign(np.float32(0.0), a), a).astype(np.float32)
-
-    def unary(op):
-        return lambda self, arg: interp.TensorHandle(ftz(op(ftz(arg.data))), arg.dtype.scalar)
-
-    fdiv = interp.InterpreterBuilder.create_fdiv
-
-    def div(self, lhs, rhs):
-        out = fdiv(self, interp.TensorHandle(ftz(lhs.data), lhs.dtype.scalar),
-                   interp.TensorHandle(ftz(rhs.data), rhs.dtype.scalar))
-        return interp.TensorHandle(ftz(out.data), out.dtype.scalar)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_exp", unary(np.exp))
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_log", unary(np.log))
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_fdiv", div)
-
-
 def _extreme_check(out, ref, pairs):
     """Finite, and close to float64: the kernels' terms are exact functions of fp32 inputs up to a few ulps
     of the largest term (|log scale| up to 100, |logit| up to 1e4 here: ~1e-5 relative to that size), and a

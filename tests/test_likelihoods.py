@@ -832,30 +832,6 @@ def test_dense_layouts_are_read_in_place(op, layout, reduction, monkeypatch, lau
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-5, atol=1e-5)
 
 
-@pytest.fixture
-def gpu_ftz(monkeypatch):
-    """The interpreter's fp32 exp, log and division made to flush subnormal arguments and results to (signed)
-    zero, as a GPU's ex2.approx.ftz, lg2.approx.ftz and approximate division do (the interpreter itself computes
-    them in numpy, with subnormals)."""
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    tiny = np.float32(2.0 ** -126)
-
-    def ftz(a):
-        if a.dtype != np.float32:
-            return a
-        return np.where(np.abs(a) < tiny, np.copysign(np.float32(0.0), a), a).astype(np.float32)
-
-    def unary(fn):
-        return lambda self, arg: interp.TensorHandle(ftz(fn(ftz(arg.data))), arg.dtype.scalar)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_log", unary(np.log))
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_exp", unary(np.exp))
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_fdiv",
-                        lambda self, lhs, rhs: self.binary_op(lhs, rhs, lambda a, b: ftz(np.divide(ftz(a), ftz(b)))))
-
-
 @triton.jit
 def _plain_log_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -864,7 +840,7 @@ def _plain_log_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
 
 @triton_only
 @pytest.mark.parametrize("fn", ["digamma", "lgamma"])
-def test_special_functions_under_gpu_flush_to_zero(fn, gpu_ftz):
+def test_special_functions_under_gpu_flush_to_zero(fn, gpu_math):
     """lgamma / digamma from subnormal to huge arguments with exp, log and division flushing subnormals as on a
     GPU: the float64 values rounded to fp32 (a plain tl.log of a subnormal gives -inf there: the emulation
     bites). Subnormal x: lgamma = -log x = 92-103 and psi = -1/x (-inf in fp32 below 2^-128)."""
@@ -884,7 +860,7 @@ def test_special_functions_under_gpu_flush_to_zero(fn, gpu_ftz):
 
 
 @triton_only
-def test_losses_under_gpu_flush_to_zero(gpu_ftz):
+def test_losses_under_gpu_flush_to_zero(gpu_math):
     """NB with eps = 0 and a subnormal mean, Poisson on a subnormal rate, BCE and Poisson where exp underflows:
     the float64 values under the GPU's flushing exp/log/division, each within 1.2e-38 absolute (exp's flushed
     subnormal, 2^-126) or 1e-5 relative."""
