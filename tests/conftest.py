@@ -125,3 +125,21 @@ def gpu_math(monkeypatch):
     monkeypatch.setattr(interp.InterpreterBuilder, "create_exp", unary(np.exp))
     monkeypatch.setattr(interp.InterpreterBuilder, "create_log", unary(np.log))
     monkeypatch.setattr(interp.InterpreterBuilder, "create_fdiv", div)
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Every way a tensor's value reaches the host, and a list copied to the device, raises inside the test.
+    Under the interpreter the launches themselves copy tensors to numpy (the kernels run on the host), so
+    there ``cpu`` and ``numpy`` stay allowed; what fastvae's own code would read is still refused."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the op path")
+
+    if BACKEND == "triton":  # imported first: its import probes torch once on the host (not a step's read)
+        import fastvae._triton  # noqa: F401
+
+    copies = () if BACKEND == "triton" and DEVICE == "cpu" else ("cpu", "numpy")
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", *copies):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)

@@ -569,17 +569,6 @@ def test_compile_fullgraph_prior_samples(backend):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def no_host_reads(monkeypatch):
-    """Every way a tensor's value reaches the host, and a list copied to the device, raises."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync in the op path")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    monkeypatch.setattr(torch, "tensor", refuse)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_no_host_sync(family, backend, no_host_reads):
     """Forward and backward read nothing back and copy no host list to the device (at the default
