@@ -403,8 +403,9 @@ def discretized_fwd_kernel(
         gw_s = -wdw * ((1.0 + 3.0 * GELU_C * q2) / q1)
         left = x < -EDGE
         right = x > EDGE
-        left = left | (~right & lo_m)
-        right = right | (~left & hi_p)
+        # (b == 0), not ~b: triton 3.3's interpreter has no int1 type for a bitwise not
+        left = left | ((right == 0) & lo_m)
+        right = right | ((left == 0) & hi_p)
         lp = tl.where(left, ls_a, tl.where(right, ls_nb, lp_mid))
         gc = tl.where(left, inv * sig_na * dtp, tl.where(right, -inv * sig_b * dtm,
                                                          inv * (da * dtp + db * dtm) + gw_c))
