@@ -39,10 +39,19 @@ def check_tensor(name: str, t: object, integer_ok: bool = False) -> Tensor:
     return t
 
 
-def as_floating(t: Tensor, like: Tensor) -> Tensor:
-    """An integer or bool target in the dtype torch's type promotion gives it against the floating ``like``
-    (what ``like - t`` computes in); a floating tensor as it is."""
-    return t if t.is_floating_point() else t.to(torch.promote_types(like.dtype, t.dtype))
+def check_dim(name: str, t: Tensor, dim: object) -> int:
+    """``dim`` a dim of ``t`` (negative counts from the end, as torch's), for argument ``name``."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or t.dim() == 0 or not -t.dim() <= dim < t.dim():
+        raise ValueError(f"dim must be in [{-t.dim()}, {t.dim() - 1}] for {name} of shape {tuple(t.shape)}, "
+                         f"got {dim!r}")
+    return dim
+
+
+def check_positive(name: str, value: object) -> float:
+    """A finite Python number > 0 (a temperature, a scale)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_same_device(**tensors: Tensor | None) -> None:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .._checks import check_tensor, use_triton
+from .._checks import check_dim, check_tensor, use_triton
 from ..reference import fsq as fsq_ref
 from ..reference import vq as vq_ref
 from .vq import _token_view
@@ -52,8 +52,7 @@ def finite_scalar_quantize(
         raise TypeError(f"levels must be a non-empty list of ints, got {levels!r}")
     if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 2 for lv in levels):
         raise ValueError(f"levels must be ints >= 2, got {list(levels)}")
-    if z.dim() == 0 or not -z.dim() <= dim < z.dim():
-        raise ValueError(f"dim must be a dim of z (shape {tuple(z.shape)}), got {dim}")
+    check_dim("z", z, dim)
     d = z.shape[dim]
     if d != len(levels):
         raise ValueError(f"z has {d} channels along dim {dim} but levels has {len(levels)} entries")

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._checks import check_generator, check_reduction, check_tensor, use_triton
+from .._checks import check_dim, check_generator, check_positive, check_reduction, check_tensor, use_triton
 from ..reference import gumbel as gumbel_ref
 
 __all__ = ["gumbel_softmax", "gumbel_softmax_kl"]
@@ -19,11 +19,8 @@ KL_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 def _check(logits: Tensor, tau: float, dim: int) -> float:
     check_tensor("logits", logits)
-    if logits.dim() == 0 or not -logits.dim() <= dim < logits.dim():
-        raise ValueError(f"dim must be a dim of logits (shape {tuple(logits.shape)}), got {dim}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 or math.isinf(tau):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    return float(tau)
+    check_dim("logits", logits, dim)
+    return check_positive("tau", tau)
 
 
 def _as_bks(logits: Tensor, dim: int) -> Tensor:

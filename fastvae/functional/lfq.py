@@ -4,13 +4,12 @@ buffers kept for backward)."""
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._checks import check_tensor, use_triton
+from .._checks import check_dim, check_positive, check_tensor, use_triton
 from ..reference import lfq as lfq_ref
 
 __all__ = ["LFQOutput", "lookup_free_quantize"]
@@ -29,12 +28,6 @@ class LFQOutput(NamedTuple):
     per_sample_entropy: Tensor
     codebook_entropy: Tensor
     commitment: Tensor
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def lookup_free_quantize(
@@ -64,12 +57,9 @@ def lookup_free_quantize(
     the log: the entropies are exact (its clamp moves them by up to K * 1e-5 * log(1e5) nats).
     """
     check_tensor("z", z)
-    if z.dim() == 0:
-        raise ValueError("z must have at least one dim (the bits)")
-    if not -z.dim() <= dim < z.dim():
-        raise ValueError(f"dim must be in [{-z.dim()}, {z.dim() - 1}] for z of shape {tuple(z.shape)}, got {dim}")
-    tau = _positive("inv_temperature", inv_temperature)
-    scale = _positive("codebook_scale", codebook_scale)
+    check_dim("z", z, dim)
+    tau = check_positive("inv_temperature", inv_temperature)
+    scale = check_positive("codebook_scale", codebook_scale)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     d = z.shape[dim]

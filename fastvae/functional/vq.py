@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._checks import check_generator, check_same_device, check_tensor, use_triton
+from .._checks import check_dim, check_generator, check_same_device, check_tensor, use_triton
 
 __all__ = ["CodebookEMA", "CodebookUsage", "VQ_PRESETS", "VQOutput", "codebook_ema_update", "codebook_usage", "kmeans",
            "residual_vector_quantize", "vector_quantize"]
@@ -77,10 +77,7 @@ def _check_common(z: Tensor, codebook: Tensor, dim: int, metric: str) -> None:
     check_tensor("z", z)
     check_tensor("codebook", codebook)
     check_same_device(z=z, codebook=codebook)
-    if z.dim() == 0:
-        raise ValueError("z must have at least one dim (the features)")
-    if not -z.dim() <= dim < z.dim():
-        raise ValueError(f"dim must be in [{-z.dim()}, {z.dim() - 1}] for z of shape {tuple(z.shape)}, got {dim}")
+    check_dim("z", z, dim)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
 
@@ -212,8 +209,7 @@ def codebook_ema_update(
     check_same_device(z=z, indices=indices, cluster_size=cluster_size, embed_sum=embed_sum)
     if indices.is_floating_point() or indices.is_complex():
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-    if not -z.dim() <= dim < z.dim():
-        raise ValueError(f"dim must be in [{-z.dim()}, {z.dim() - 1}] for z of shape {tuple(z.shape)}, got {dim}")
+    check_dim("z", z, dim)
     tokens = _tokens(z.detach(), dim)
     k = cluster_size.shape[0] if cluster_size.dim() == 1 else -1
     if cluster_size.dim() != 1 or embed_sum.shape != (k, tokens.shape[1]):
@@ -327,8 +323,7 @@ def kmeans(
     N x K x D difference) and moves each centre to its tokens' mean (sums in a fixed order); a centre left
     without tokens stays where it was. ``metric="cosine"`` runs spherical k-means (unit tokens and centres)."""
     check_tensor("z", z)
-    if not -z.dim() <= dim < z.dim():
-        raise ValueError(f"dim must be in [{-z.dim()}, {z.dim() - 1}] for z of shape {tuple(z.shape)}, got {dim}")
+    check_dim("z", z, dim)
     if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
         raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
