@@ -23,3 +23,20 @@ def backward_both(out, ref):
     weight = torch.rand_like(ref) + 0.5
     (out.double() * weight).sum().backward()
     (ref * weight).sum().backward()
+
+
+def peers_fsq(z, levels):
+    """vector-quantize-pytorch's FSQ in float64: bound, round (straight-through), codes_to_indices; returns the
+    codes in [-1, 1] and the indices."""
+    z = z.double()
+    lv = torch.tensor(levels, dtype=torch.float64, device=z.device)
+    half_l = (lv - 1) * (1 + 1e-3) / 2
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+    shift = (offset / half_l).atanh()
+    bounded = (z + shift).tanh() * half_l - offset
+    rounded = bounded + (bounded.round() - bounded).detach()
+    half_width = torch.div(lv, 2, rounding_mode="floor")
+    codes = rounded / half_width
+    basis = torch.cumprod(torch.tensor([1] + list(levels[:-1]), device=z.device), 0)
+    indices = ((codes * half_width + half_width).round().long() * basis).sum(-1)
+    return codes, indices

@@ -6,26 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _oracle import peers_fsq
 from conftest import BACKEND, DTYPES
 
 import fastvae
 
 LEVELS = [[8, 5, 5, 5], [7, 5, 5, 5, 5], [2], [8, 6, 5]]
-
-
-def _peers_fsq(z: torch.Tensor, levels: list[int], eps: float = 1e-3):
-    """vector-quantize-pytorch's FSQ.quantize and codes_to_indices, float64."""
-    lv = torch.tensor(levels, dtype=torch.float64)
-    half_l = (lv - 1) * (1 + eps) / 2
-    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
-    shift = (offset / half_l).atanh()
-    bounded = (z + shift).tanh() * half_l - offset
-    quantized = bounded + (bounded.round() - bounded).detach()
-    half_width = torch.div(lv, 2, rounding_mode="floor")
-    q = quantized / half_width
-    basis = torch.cumprod(torch.tensor([1] + levels[:-1]), 0)
-    indices = ((q * half_width + half_width).round().long() * basis).sum(-1)
-    return q, indices
 
 
 @pytest.mark.parametrize("levels", LEVELS)
@@ -34,7 +20,7 @@ def test_matches_the_peers(dtype, levels, backend, device):
     z = (torch.randn(67, len(levels), device=device) * 2).to(dtype).requires_grad_()
     out = fastvae.finite_scalar_quantize(z, levels, backend=backend)
     zr = z.detach().double().requires_grad_()
-    q, idx = _peers_fsq(zr, levels)
+    q, idx = peers_fsq(zr, levels)
     g = torch.randn_like(q)
     (q * g).sum().backward()
     gz, = torch.autograd.grad(out.quantized, z, g.to(dtype))
@@ -69,7 +55,7 @@ def test_huge_implicit_codebook_is_never_built(backend, device):
     """vector-quantize-pytorch PR 137: FSQ(levels=[4] * 16) tried to allocate its 4.3e9-code codebook."""
     z = torch.randn(33, 16, device=device)
     out = fastvae.finite_scalar_quantize(z, [4] * 16, backend=backend)
-    _, idx = _peers_fsq(z.double(), [4] * 16)
+    _, idx = peers_fsq(z.double(), [4] * 16)
     assert torch.equal(out.indices, idx) and int(out.indices.max()) < 4**16
     with pytest.raises(ValueError, match="histogram"):
         fastvae.finite_scalar_quantize(z, [4] * 16, histogram=True, backend=backend)
@@ -101,7 +87,7 @@ def test_second_order_gradient_of_the_straight_through_surrogate(backend, device
                              create_graph=True)
     gg, = torch.autograd.grad(g.sum(), z)
     zr = z.detach().double().requires_grad_()
-    gr, = torch.autograd.grad(_peers_fsq(zr, [8, 5, 5])[0].sum(), zr, create_graph=True)
+    gr, = torch.autograd.grad(peers_fsq(zr, [8, 5, 5])[0].sum(), zr, create_graph=True)
     ggr, = torch.autograd.grad(gr.sum(), zr)
     torch.testing.assert_close(gg.double(), ggr, rtol=1e-5, atol=1e-6)
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _oracle import peers_fsq
 from conftest import BACKEND
 
 import fastvae
@@ -295,22 +296,6 @@ def test_lfq_channel_first_images(backend, device):
     assert torch.equal(quantized, flat[0].movedim(-1, 1)) and torch.equal(indices, flat[1])
 
 
-def _lucidrains_fsq(z, levels):
-    """vector-quantize-pytorch FSQ: bound, round (straight-through), codes_to_indices; float64."""
-    z = z.double()
-    lv = torch.tensor(levels, dtype=torch.float64, device=z.device)
-    half_l = (lv - 1) * (1 + 1e-3) / 2
-    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
-    shift = (offset / half_l).atanh()
-    bounded = (z + shift).tanh() * half_l - offset
-    rounded = bounded + (bounded.round() - bounded).detach()
-    half_width = torch.div(lv, 2, rounding_mode="floor")
-    codes = rounded / half_width
-    basis = torch.cumprod(torch.tensor([1] + levels[:-1], device=z.device), 0)
-    indices = ((codes * half_width + half_width).round().long() * basis).sum(-1)
-    return codes, indices
-
-
 @pytest.mark.parametrize("image", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fsq_matches_vector_quantize_pytorch(dtype, image, backend, device):
@@ -319,7 +304,7 @@ def test_fsq_matches_vector_quantize_pytorch(dtype, image, backend, device):
     x = (torch.randn(2, 4, 3, 3) if image else torch.randn(3, 5, 4)).mul(2).to(device, dtype).requires_grad_(True)
     quantized, indices = fsq(x)
     xr = x.detach().double().requires_grad_(True)
-    codes, ind_ref = _lucidrains_fsq(xr.movedim(1, -1) if image else xr, levels)
+    codes, ind_ref = peers_fsq(xr.movedim(1, -1) if image else xr, levels)
     if image:
         codes = codes.movedim(-1, 1)
     assert torch.equal(indices, ind_ref)
