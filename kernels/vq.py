@@ -25,39 +25,23 @@ d * stride_d (+ head * D * stride_d): channels-last (..., D) and channels-first 
 import triton
 import triton.language as tl
 
+from .tiles import token_code_dot, token_rows
+
 
 @triton.jit
-def vq_argmin_kernel(
-    z_ptr, e_ptr, bias_ptr, scale_ptr, idx_ptr,
-    N, S, K, D,
-    stride_b, stride_s, stride_d, stride_eh, stride_ek,
-    COSINE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _argmin_tiles(
+    z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, head, K, D, stride_d, stride_ek,
+    COSINE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    # int64 token offsets: N * stride passes 2^31 long before N does (a 256-channel latent of 8M tokens)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    z_base = (rows // S) * stride_b + (rows % S) * stride_s + head.to(tl.int64) * D * stride_d
-    e_base = e_ptr + head.to(tl.int64) * stride_eh
+    """(best score, its index) of each token of the tile over all K codes: the online argmin."""
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int64)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            zt = tl.load(z_ptr + z_base[:, None] + ds[None, :].to(tl.int64) * stride_d,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            et = tl.load(e_base + ks[:, None].to(tl.int64) * stride_ek + ds[None, :],
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(zt.to(tl.float32), tl.trans(et.to(tl.float32)), acc, input_precision="tf32x3")
-            else:  # one 16-bit dtype: exact products, fp32 accumulation
-                acc = tl.dot(zt, tl.trans(et), acc)
+        acc = token_code_dot(z_ptr, z_base, row_ok, e_base, ks, k_ok, D, stride_d, stride_ek,
+                             DOT_FP32, False, BLOCK_N, BLOCK_K, BLOCK_D)
         if COSINE:
             score = -acc * tl.load(scale_ptr + head * K + ks, mask=k_ok, other=0.0)[None, :]
         else:
@@ -69,4 +53,19 @@ def vq_argmin_kernel(
         better = tile_min < best
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, tile_arg.to(tl.int64) + k0, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def vq_argmin_kernel(
+    z_ptr, e_ptr, bias_ptr, scale_ptr, idx_ptr,
+    N, S, K, D,
+    stride_b, stride_s, stride_d, stride_eh, stride_ek,
+    COSINE: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    head = tl.program_id(1)
+    rows, row_ok, z_base = token_rows(tl.program_id(0), N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
+    _, best_idx = _argmin_tiles(z_ptr, z_base, row_ok, e_ptr + head.to(tl.int64) * stride_eh, bias_ptr, scale_ptr,
+                                head, K, D, stride_d, stride_ek, COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
     tl.store(idx_ptr + rows * tl.num_programs(1) + head, best_idx, mask=row_ok)
