@@ -18,6 +18,20 @@ Work: 2 N K D FLOPs on the tensor cores; bytes: the N tokens once, the K x D cod
 (from L2: K D bytes per BLOCK_N tokens), N indices written. At K D >> BLOCK_N D the codebook stream through
 L2 and the tensor-core rate bound it, not DRAM.
 
+Fused quantization (``vq_fwd_kernel``): after the search, the tile's codes are gathered by index (never a
+one-hot) and, in the same program, z_q (or the rotation trick's R z, its value z_q) is written in z's layout
+and the squared error ||z - z_q||^2 summed into one fp32 partial per program (summed in a fixed order
+afterwards): the commitment and codebook losses are both that sum over N D, differing only in where their
+gradient goes. Cosine compares the unit vectors, rounded to their input dtypes as F.normalize's are.
+Backward (``vq_bwd_kernel``) recomputes the gathered codes from the indices and writes, per token in O(D),
+
+    dz = J_est^T g + 2 g_c (z - z_q)                  (then F.normalize's Jacobian for cosine)
+    row_n = 2 g_b (z_q - z)                           (stored in code order: per-code sums, no atomics)
+
+with J_est the identity (straight-through) or s (I - 2 w w^T + 2 q u^T) (rotation trick, u q w s detached).
+Each pass over D re-reads the tile's z and codes from L1/L2: the epilogue moves 2 N D elements in (z, the
+gathered codes) and N D out, against the search's 2 N K D FLOPs.
+
 Token addressing: token n is (b, s) = (n // S, n % S) at b * stride_b + s * stride_s, element d at
 d * stride_d (+ head * D * stride_d): channels-last (..., D) and channels-first (B, D, H, W) read in place.
 """
@@ -26,6 +40,9 @@ import triton
 import triton.language as tl
 
 from .tiles import token_code_dot, token_rows
+
+NORM_EPS = tl.constexpr(1e-6)  # the rotation trick's safe_div floor (vector-quantize-pytorch's)
+NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's
 
 
 @triton.jit
@@ -69,3 +86,170 @@ def vq_argmin_kernel(
     _, best_idx = _argmin_tiles(z_ptr, z_base, row_ok, e_ptr + head.to(tl.int64) * stride_eh, bias_ptr, scale_ptr,
                                 head, K, D, stride_d, stride_ek, COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
     tl.store(idx_ptr + rows * tl.num_programs(1) + head, best_idx, mask=row_ok)
+
+
+@triton.jit
+def _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] chunk at feature d0 of the tokens and of their codes in fp32, as the losses see
+    them: for cosine divided by their norms and rounded to their own dtypes (F.normalize in that dtype)."""
+    ds = d0 + tl.arange(0, BLOCK_D)
+    m = row_ok[:, None] & (ds < D)[None, :]
+    z = tl.load(z_ptr + z_base[:, None] + ds[None, :].to(tl.int64) * stride_d, mask=m, other=0.0)
+    e = tl.load(e_rows[:, None] + ds[None, :], mask=m, other=0.0)
+    zf = z.to(tl.float32)
+    ef = e.to(tl.float32)
+    if COSINE:
+        zf = (zf / zden[:, None]).to(z.dtype).to(tl.float32)
+        ef = (ef / eden[:, None]).to(e.dtype).to(tl.float32)
+    return zf, ef, ds, m
+
+
+@triton.jit
+def _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """F.normalize's denominator of each token: max(||z||, 1e-12), the norm rounded to z's dtype as torch's
+    norm of a 16-bit tensor is; and the unclamped norm (its backward switches at the floor)."""
+    zz = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        z = tl.load(z_ptr + z_base[:, None] + ds[None, :].to(tl.int64) * stride_d,
+                    mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
+        zz += tl.sum(z.to(tl.float32) * z.to(tl.float32), axis=1)
+    nz = tl.sqrt(zz).to(z_ptr.dtype.element_ty).to(tl.float32)
+    return tl.maximum(nz, NORMALIZE_EPS), nz
+
+
+@triton.jit
+def _rotation(vv, qq, vq):
+    """The rotation trick as out = alpha z + beta z_q per token, from ||z||^2, ||z_q||^2 and z . z_q
+    (reference ``rotation_trick``: u = z / max(|z|, 1e-6), q likewise, w = (u + q) / max(|u + q|, 1e-12),
+    out = s (z - 2 (z.w) w + 2 (z.u) q), s = |z_q| / max(|z|, 1e-6)); also what the backward needs."""
+    cz = tl.maximum(tl.sqrt(vv), NORM_EPS)
+    cq = tl.maximum(tl.sqrt(qq), NORM_EPS)
+    upq = tl.maximum(vv / (cz * cz) + 2.0 * vq / (cz * cq) + qq / (cq * cq), 0.0)
+    cw = tl.maximum(tl.sqrt(upq), NORMALIZE_EPS)
+    a = (vv / cz + vq / cq) / cw  # z . w
+    b = vv / cz  # z . u
+    s = tl.sqrt(qq) / cz
+    alpha = s * (1.0 - 2.0 * a / (cw * cz))
+    beta = s * (2.0 * b - 2.0 * a / cw) / cq
+    return alpha, beta, cz, cq, cw, s
+
+
+@triton.jit
+def vq_fwd_kernel(
+    z_ptr, e_ptr, bias_ptr, scale_ptr, eden_ptr, idx_ptr, q_ptr, sq_ptr,
+    N, S, K, D,
+    stride_b, stride_s, stride_d, qstride_b, qstride_s, qstride_d, stride_eh, stride_ek,
+    COSINE: tl.constexpr, ROTATION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Search, then z_q (the estimator's value) written and the squared error summed: one program per tile
+    of BLOCK_N tokens of one head."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    rows, row_ok, z_base = token_rows(pid, N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
+    e_base = e_ptr + head.to(tl.int64) * stride_eh
+    _, idx = _argmin_tiles(z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, head, K, D, stride_d, stride_ek,
+                           COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+    tl.store(idx_ptr + rows * tl.num_programs(1) + head, idx, mask=row_ok)
+
+    e_rows = e_base + idx * stride_ek
+    q_base = (rows // S) * qstride_b + (rows % S) * qstride_s + head.to(tl.int64) * D * qstride_d
+    zden = tl.full([BLOCK_N], 1.0, tl.float32)
+    eden = tl.full([BLOCK_N], 1.0, tl.float32)
+    if COSINE:
+        zden, _ = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, BLOCK_D)
+        eden = tl.load(eden_ptr + head * K + idx, mask=row_ok, other=1.0)
+    alpha = tl.zeros([BLOCK_N], tl.float32)
+    beta = tl.zeros([BLOCK_N], tl.float32)
+    if ROTATION:
+        vv = tl.zeros([BLOCK_N], tl.float32)
+        qq = tl.zeros([BLOCK_N], tl.float32)
+        vq = tl.zeros([BLOCK_N], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+            vv += tl.sum(zf * zf, axis=1)
+            qq += tl.sum(ef * ef, axis=1)
+            vq += tl.sum(zf * ef, axis=1)
+        alpha, beta, _, _, _, _ = _rotation(vv, qq, vq)
+    out_ty = q_ptr.dtype.element_ty
+    sq = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+        diff = zf - ef
+        sq += tl.sum(diff * diff, axis=1)
+        if ROTATION:
+            out = alpha[:, None] * zf + beta[:, None] * ef
+        else:  # z + (z_q - z), each op rounded to the output dtype as torch's eager ops round it
+            out = zf + (ef - zf).to(out_ty).to(tl.float32)
+        tl.store(q_ptr + q_base[:, None] + ds[None, :].to(tl.int64) * qstride_d, out.to(out_ty), mask=m)
+    tl.store(sq_ptr + head * tl.num_programs(0) + pid, tl.sum(sq, axis=0))
+
+
+@triton.jit
+def vq_bwd_kernel(
+    z_ptr, e_ptr, eden_ptr, idx_ptr, g_ptr, gsq_ptr, pos_ptr, gz_ptr, rows_ptr,
+    N, S, K, D,
+    stride_b, stride_s, stride_d, gstride_b, gstride_s, gstride_d, zgstride_b, zgstride_s, zgstride_d,
+    stride_eh, stride_ek,
+    COSINE: tl.constexpr, ROTATION: tl.constexpr, CODE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dz in z's dtype (strides zgstride_*) and, with CODE_GRAD, each token's codebook-gradient row written at
+    its place in code order (``pos``), both from the upstream g (of z_q) and (g_c, g_b) (of the two sums)."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    heads = tl.num_programs(1)
+    rows, row_ok, z_base = token_rows(pid, N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
+    g_base = (rows // S) * gstride_b + (rows % S) * gstride_s + head.to(tl.int64) * D * gstride_d
+    gz_base = (rows // S) * zgstride_b + (rows % S) * zgstride_s + head.to(tl.int64) * D * zgstride_d
+    idx = tl.load(idx_ptr + rows * heads + head, mask=row_ok, other=0)
+    e_rows = e_ptr + head.to(tl.int64) * stride_eh + idx * stride_ek
+    g_c = tl.load(gsq_ptr)
+    g_b = tl.load(gsq_ptr + 1)
+    zden = tl.full([BLOCK_N], 1.0, tl.float32)
+    nz = zden
+    eden = zden
+    if COSINE:
+        zden, nz = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, BLOCK_D)
+        eden = tl.load(eden_ptr + head * K + idx, mask=row_ok, other=1.0)
+    # the per-token dots the estimator's and F.normalize's Jacobians need
+    vv = tl.zeros([BLOCK_N], tl.float32)
+    qq = tl.zeros([BLOCK_N], tl.float32)
+    vq = tl.zeros([BLOCK_N], tl.float32)
+    gv = tl.zeros([BLOCK_N], tl.float32)
+    gq = tl.zeros([BLOCK_N], tl.float32)
+    if COSINE or ROTATION:
+        for d0 in range(0, D, BLOCK_D):
+            zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+            g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
+            g = g.to(tl.float32)
+            vv += tl.sum(zf * zf, axis=1)
+            qq += tl.sum(ef * ef, axis=1)
+            vq += tl.sum(zf * ef, axis=1)
+            gv += tl.sum(g * zf, axis=1)
+            gq += tl.sum(g * ef, axis=1)
+    # J_est^T g = s g + ca z + cb z_q  (straight-through: s = 1, ca = cb = 0)
+    s = tl.full([BLOCK_N], 1.0, tl.float32)
+    ca = tl.zeros([BLOCK_N], tl.float32)
+    cb = tl.zeros([BLOCK_N], tl.float32)
+    if ROTATION:
+        _, _, cz, cq, cw, s = _rotation(vv, qq, vq)
+        g_w = (gv / cz + gq / cq) / cw  # g . w
+        g_q = gq / cq  # g . q
+        ca = s * (2.0 * g_q - 2.0 * g_w / cw) / cz
+        cb = -2.0 * s * g_w / (cw * cq)
+    # y . dL/dy of F.normalize's output y (~ the rounded unit token): its Jacobian's projection
+    proj = s * gv + ca * vv + cb * vq + 2.0 * g_c * (vv - vq)
+    gz_ty = gz_ptr.dtype.element_ty
+    for d0 in range(0, D, BLOCK_D):
+        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+        g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
+        gy = s[:, None] * g.to(tl.float32) + ca[:, None] * zf + cb[:, None] * ef + 2.0 * g_c * (zf - ef)
+        if COSINE:  # F.normalize: (g - y (y . g)) / |z| above the floor, g / floor at or below it
+            gy = tl.where((nz >= NORMALIZE_EPS)[:, None], gy - zf * proj[:, None], gy) / zden[:, None]
+        tl.store(gz_ptr + gz_base[:, None] + ds[None, :].to(tl.int64) * zgstride_d, gy.to(gz_ty), mask=m)
+        if CODE_GRAD:
+            at = tl.load(pos_ptr + rows * heads + head, mask=row_ok, other=0)
+            tl.store(rows_ptr + at[:, None] * D + ds[None, :], 2.0 * g_b * (ef - zf), mask=m)

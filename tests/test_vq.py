@@ -167,6 +167,80 @@ def test_rotation_trick_matches_vector_quantize_pytorch(backend, device):
     assert not torch.allclose(z.grad, g)  # the gradient is rotated, not copied as straight-through does
 
 
+def _oracle(z, e, idx, cosine, rotation, cw, bw):
+    """The peers' VQ in float64 at given indices, tokens (N, H, Dh) and codebook (H, K, Dh): taming's
+    straight-through and losses, vector-quantize-pytorch's cosine (unit tokens and codes, the losses between
+    them) and its rotate_to."""
+    if cosine:
+        z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)
+    zq = torch.stack([e[h][idx[:, h]] for h in range(e.shape[0])], 1)
+    loss = cw * torch.mean((zq.detach() - z) ** 2) + bw * torch.mean((zq - z.detach()) ** 2)
+    if rotation:
+        q = _lucidrains_rotate_to(z.reshape(-1, z.shape[-1]), zq.reshape(-1, z.shape[-1])).reshape(z.shape)
+    else:
+        q = z + (zq - z).detach()
+    return q, loss
+
+
+@pytest.mark.parametrize("layout", ["tokens", "channels_first", "heads"])
+@pytest.mark.parametrize("estimator", ["straight_through", "rotation"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_values_and_gradients_match_float64(dtype, metric, estimator, layout, backend, device):
+    """The kernel path's one pass (z_q, both losses) and its backward (z through the estimator, the losses and
+    F.normalize for cosine; the codebook through its loss, summed per code) against float64."""
+    heads, k, dh = (2, 70, 5) if layout == "heads" else (1, 70, 10)
+    if layout == "channels_first":
+        x, dim = torch.randn(3, dh, 7, 11, device=device), 1
+    else:
+        x, dim = torch.randn(131, heads * dh, device=device), -1
+    e0 = torch.randn(heads, k, dh, device=device)
+    z, e = x.to(dtype).requires_grad_(), (e0 if heads > 1 else e0[0]).to(dtype).requires_grad_()
+    out = fastvae.vector_quantize(z, e, dim=dim, metric=metric, estimator=estimator, preset="dac", backend=backend)
+    w = torch.randn_like(out.quantized)
+    (out.loss + (out.quantized * w).sum()).backward()
+    assert z.grad.dtype == z.dtype and z.grad.stride() == z.stride()
+    assert out.quantized.stride() == z.stride()  # z_q comes back in z's layout, not copied from another
+
+    zr = z.detach().double().movedim(dim, -1).reshape(-1, heads, dh).requires_grad_()
+    er = e.detach().double().reshape(heads, k, dh).requires_grad_()
+    idx = out.indices.reshape(-1, heads)
+    q, loss = _oracle(zr, er, idx, metric == "cosine", estimator == "rotation", 0.25, 1.0)
+    wr = w.double().movedim(dim, -1).reshape(q.shape)
+    (loss + (q * wr).sum()).backward()
+    rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5)}.get(dtype, (2e-2, 2e-2))
+    torch.testing.assert_close(out.loss.double(), loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.quantized.double().movedim(dim, -1).reshape(q.shape), q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(z.grad.double().movedim(dim, -1).reshape(zr.shape), zr.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(e.grad.double().reshape(er.shape), er.grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("estimator", ["straight_through", "rotation"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_gradient_penalty_matches_float64(metric, estimator, backend, device):
+    """create_graph=True: the kernel path's backward gives way to the differentiable formula at the same
+    indices, so a penalty on the gradient trains z and the codebook with torch's numbers."""
+    z = torch.randn(40, 6, device=device, requires_grad=True)
+    e = torch.randn(25, 6, device=device, requires_grad=True)
+    w = torch.randn(40, 6, device=device)
+
+    def penalty(z, e, **kw):
+        out = fastvae.vector_quantize(z, e, metric=metric, estimator=estimator, **kw)
+        (g,) = torch.autograd.grad(out.loss + (out.quantized * w.to(z.dtype)).sum(), z, create_graph=True)
+        return g.pow(2).sum(), out.indices
+
+    p, idx = penalty(z, e, backend=backend)
+    p.backward()
+    zr, er = z.detach().double().requires_grad_(), e.detach().double().requires_grad_()
+    q, loss = _oracle(zr[:, None], er[None], idx[:, None], metric == "cosine", estimator == "rotation", 0.25, 1.0)
+    (g,) = torch.autograd.grad(loss + (q[:, 0] * w.double()).sum(), zr, create_graph=True)
+    g.pow(2).sum().backward()
+    torch.testing.assert_close(z.grad.double(), zr.grad, rtol=1e-4, atol=1e-5)
+    # every path from the codebook into dL/dz passes a stop-gradient (the commitment's sg(z_q), the
+    # estimator's detached codes): the penalty does not reach it, in torch's graph nor here
+    assert er.grad is None and (e.grad is None or not e.grad.any())
+
+
 def test_empty_and_single_token(backend, device):
     e = torch.randn(9, 4, device=device)
     out = fastvae.vector_quantize(torch.randn(0, 4, device=device), e, backend=backend)

@@ -1,7 +1,9 @@
-"""Vector quantization's nearest-code search: launches of ``kernels/vq.py`` as a custom op.
+"""Vector quantization: launches of ``kernels/vq.py`` as custom ops.
 
-The op returns indices only (no gradient flows through an argmin); z_q, the losses and the estimators are
-O(N D) gathers and elementwise terms on the indices, in ``fastvae.functional.vq``.
+``vq_search`` returns indices only (k-means, residual stages). ``vq_quantize`` is the fused op: search, z_q
+(or the rotation trick's output) in z's layout and the squared error in one pass, with its backward writing
+z's gradient and the codebook's per-token rows in one more; the codebook gradient is those rows summed per
+code in a fixed order (a stable sort of the indices, then one segment sum: no float atomics).
 """
 
 import torch
@@ -9,6 +11,7 @@ import triton
 from torch import Tensor
 
 from .._checks import interpreting
+from ..reference import vq as vq_ref
 from ..kernels import vq as vq_k
 from . import common
 
@@ -19,6 +22,25 @@ def _block_d(d: int) -> int:
     """The feature chunk of one ``tl.dot``: tl.dot needs at least 16, and 64 keeps the two operand tiles and
     the [BLOCK_N, BLOCK_K] accumulator in registers; longer codes loop over chunks."""
     return min(64, max(16, triton.next_power_of_2(d)))
+
+
+def _dot_fp32(z: Tensor, e: Tensor) -> bool:
+    """One 16-bit dtype goes to the tensor cores as it is; the interpreter's tl.dot multiplies bf16's raw
+    uint16 storage, so there bf16 takes the fp32 dot, the same math (bf16 products are exact in fp32)."""
+    return not (z.dtype == e.dtype and z.dtype in (torch.float16, torch.bfloat16)) or (
+        z.dtype == torch.bfloat16 and interpreting())
+
+
+def _code_terms(e: Tensor, cosine: bool) -> "tuple[Tensor, Tensor, Tensor]":
+    """Per-code terms, H * K floats each: the squared norms (the euclidean score's bias), the inverse norms
+    (the cosine score's scale) and F.normalize's denominators max(||e||, 1e-12) in e's dtype rounded as
+    torch's (what the cosine losses divide by)."""
+    ef = e.float()
+    bias = ef.square().sum(-1)
+    if not cosine:
+        return bias, bias, bias
+    eden = torch.linalg.vector_norm(e, dim=-1).clamp_min(1e-12).float()
+    return bias, torch.linalg.vector_norm(ef, dim=-1).clamp_min(1e-12).reciprocal(), eden
 
 
 @common.custom_op("fastvae::vq_search")
@@ -33,19 +55,12 @@ def _vq_search_op(z: Tensor, codebook: Tensor, cosine: bool) -> Tensor:
     if n == 0:
         return idx
     e = codebook.contiguous()  # a parameter already is: no copy
-    ef = e.float()
-    # per-code terms, K * H floats: the squared norms (euclidean) or inverse norms (cosine, F.normalize's floor)
-    bias = ef.square().sum(-1)
-    scale = torch.linalg.vector_norm(ef, dim=-1).clamp_min(1e-12).reciprocal() if cosine else bias
-    # one 16-bit dtype goes to the tensor cores as it is; the interpreter's tl.dot multiplies bf16's raw
-    # uint16 storage, so there bf16 takes the fp32 dot, the same math (bf16 products are exact in fp32)
-    dot_fp32 = not (z.dtype == e.dtype and z.dtype in (torch.float16, torch.bfloat16)) or (
-        z.dtype == torch.bfloat16 and interpreting())
+    bias, scale, _ = _code_terms(e, cosine)
     vq_k.vq_argmin_kernel[(triton.cdiv(n, BLOCK_N), heads)](
         z, e, bias, scale, idx,
         n, s, k, dh,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0), e.stride(1),
-        COSINE=cosine, DOT_FP32=dot_fp32,
+        COSINE=cosine, DOT_FP32=_dot_fp32(z, e),
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(dh), num_warps=4,
     )
     return idx
@@ -59,3 +74,134 @@ def _(z, codebook, cosine):
 def vq_search(z3: Tensor, codebook: Tensor, cosine: bool) -> Tensor:
     """Validated arguments in: z3 a (B, S, H * Dh) view of the tokens, codebook (H, K, Dh); indices (B S, H)."""
     return _vq_search_op(z3.detach(), codebook.detach(), cosine)
+
+
+def _layout_like(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (B, S, D) buffer in z's memory layout when z is dense (channels-first maps stay channels-first), else
+    contiguous."""
+    return common.alloc_like(z, dtype) if common.dense(z) else common.alloc(z, z.shape, dtype)
+
+
+@common.custom_op("fastvae::vq_quantize")
+def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, rotation: bool) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+    """(z_q in z's layout and torch's promoted dtype, indices (B S, H), the squared error summed twice: the
+    commitment's and the codebook's, the same value with separate gradients); z (B, S, H Dh) a view read in
+    place, codebook (H, K, Dh)."""
+    b, s, _ = z.shape
+    heads, k, dh = codebook.shape
+    n = b * s
+    q = _layout_like(z, torch.promote_types(z.dtype, codebook.dtype))
+    idx = common.alloc(z, (n, heads), torch.int64)
+    grid = (triton.cdiv(n, BLOCK_N), heads)
+    parts = common.alloc(z, (grid[0] * heads,), torch.float32)
+    if n:
+        e = codebook.contiguous()
+        bias, scale, eden = _code_terms(e, cosine)
+        vq_k.vq_fwd_kernel[grid](
+            z, e, bias, scale, eden, idx, q, parts,
+            n, s, k, dh,
+            z.stride(0), z.stride(1), z.stride(2), q.stride(0), q.stride(1), q.stride(2), e.stride(0), e.stride(1),
+            COSINE=cosine, ROTATION=rotation, DOT_FP32=_dot_fp32(z, e),
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(dh), num_warps=4,
+        )
+    sq = common.finish_sum(parts, 1.0, torch.float32) if n else parts.new_zeros(())
+    return q, idx, sq, sq.clone()
+
+
+@_vq_quantize_op.register_fake
+def _(z, codebook, cosine, rotation):
+    q = torch.empty_like(z, dtype=torch.promote_types(z.dtype, codebook.dtype))
+    idx = z.new_empty((z.shape[0] * z.shape[1], codebook.shape[0]), dtype=torch.int64)
+    return q, idx, z.new_empty((), dtype=torch.float32), z.new_empty((), dtype=torch.float32)
+
+
+@common.custom_op("fastvae::vq_quantize_backward")
+def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq: Tensor, cosine: bool,
+               rotation: bool, code_grad: bool) -> "tuple[Tensor, Tensor]":
+    """(dz in z's layout and dtype, d codebook): ``grad_sq`` (2,) fp32 holds the two sums' upstream grads."""
+    b, s, _ = z.shape
+    heads, k, dh = codebook.shape
+    n = b * s
+    gz = _layout_like(z, z.dtype)
+    if n == 0:
+        return gz, torch.zeros_like(codebook)
+    e = codebook.contiguous()
+    _, _, eden = _code_terms(e, cosine)
+    codes = (idx + torch.arange(heads, device=idx.device) * k).reshape(-1)  # flat code ids h K + index
+    rows = pos = counts = idx  # unused placeholders unless the codebook wants its gradient
+    if code_grad:
+        counts = vq_ref.histogram(codes, heads * k)
+        order = torch.argsort(codes, stable=True)
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        rows = common.alloc(z, (n * heads, dh), torch.float32)
+    vq_k.vq_bwd_kernel[(triton.cdiv(n, BLOCK_N), heads)](
+        z, e, eden, idx, grad_q, grad_sq, pos, gz, rows,
+        n, s, k, dh,
+        z.stride(0), z.stride(1), z.stride(2), grad_q.stride(0), grad_q.stride(1), grad_q.stride(2),
+        gz.stride(0), gz.stride(1), gz.stride(2), e.stride(0), e.stride(1),
+        COSINE=cosine, ROTATION=rotation, CODE_GRAD=code_grad,
+        BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dh), num_warps=4,
+    )
+    if not code_grad:
+        return gz, torch.zeros_like(codebook)
+    # each code's rows are one run of ``rows``: summed in sequence, bitwise the same every run
+    grad_hat = torch.segment_reduce(rows, "sum", lengths=counts, axis=0, unsafe=True, initial=0).view(heads, k, dh)
+    if cosine:  # F.normalize of each code: (g - e^ (e^ . g)) / max(|e|, eps), the projection dropped at the floor
+        den = eden.view(heads, k, 1)
+        unit = e.float() / den
+        proj = (unit * grad_hat).sum(-1, keepdim=True)
+        grad_hat = torch.where(torch.linalg.vector_norm(e.float(), dim=-1, keepdim=True) >= 1e-12,
+                               grad_hat - unit * proj, grad_hat) / den
+    return gz, grad_hat.to(codebook.dtype)
+
+
+@_vq_bwd_op.register_fake
+def _(z, codebook, idx, grad_q, grad_sq, cosine, rotation, code_grad):
+    return torch.empty_like(z), torch.empty_like(codebook)
+
+
+def _quantize_formula(z: Tensor, codebook: Tensor, idx: Tensor, cosine: bool, rotation: bool):
+    """The op's outputs by the eager reference at fixed indices: what create_graph differentiates."""
+    n, heads = idx.shape
+    zf = z.reshape(n, heads, codebook.shape[-1])
+    cb = codebook
+    if cosine:
+        zf, cb = torch.nn.functional.normalize(zf, dim=-1), torch.nn.functional.normalize(cb, dim=-1)
+    z_q = vq_ref.gather_codes(cb, idx)
+    zc, qc = zf.float(), z_q.float()
+    commit, code = (zc - qc.detach()).square().sum(), (zc.detach() - qc).square().sum()
+    z_q = z_q.to(torch.promote_types(z.dtype, z_q.dtype))
+    est = vq_ref.rotation_trick if rotation else vq_ref.straight_through
+    return est(zf, z_q).reshape(z.shape), commit, code
+
+
+def _setup(ctx, inputs, output):
+    z, codebook, cosine, rotation = inputs
+    if not codebook.requires_grad:
+        # an EMA codebook is a buffer its module updates in place before backward runs: z's gradient needs
+        # the codes this forward used (the eager path saves the gathered z_q; K x D is the smaller copy)
+        codebook = codebook.clone()
+    ctx.save_for_backward(z, codebook, output[1])
+    ctx.flags = (cosine, rotation)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_q, _grad_idx, grad_commit, grad_code):
+    z, codebook, idx = ctx.saved_tensors
+    cosine, rotation = ctx.flags
+    if torch.is_grad_enabled():  # create_graph: the formula, differentiable again
+        return common.differentiable_backward(
+            lambda z_, cb_: _quantize_formula(z_, cb_, idx, cosine, rotation), (z, codebook),
+            ctx.needs_input_grad[:2], (grad_q, grad_commit, grad_code)) + (None, None)
+    grad_sq = torch.stack([grad_commit, grad_code]).float()
+    gz, gcb = _vq_bwd_op(z, codebook, idx, grad_q, grad_sq, cosine, rotation, ctx.needs_input_grad[1])
+    return (gz if ctx.needs_input_grad[0] else None), (gcb if ctx.needs_input_grad[1] else None), None, None
+
+
+_vq_quantize_op.register_autograd(_backward, setup_context=_setup)
+
+
+def vq_quantize(z3: Tensor, codebook: Tensor, cosine: bool, rotation: bool) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+    """Validated arguments in: z3 a (B, S, H * Dh) view of the tokens, codebook (H, K, Dh); out (z_q in z3's
+    shape, indices (B S, H), commitment sum, codebook sum): the sums of squared errors in fp32."""
+    return _vq_quantize_op(z3, codebook, cosine, rotation)

@@ -137,6 +137,17 @@ def vector_quantize(
     zt = z.movedim(dim, -1)  # a view
     lead = zt.shape[:-1]
     n = math.prod(lead)
+    if use_triton(backend, zt, cb):
+        # one kernel: search, z_q (or the rotation's output) written in z's layout, the squared error summed
+        from .._triton import vq as vq_triton
+
+        q3, indices, commit_sq, code_sq = vq_triton.vq_quantize(_token_view(zt, d), cb, cosine,
+                                                                 estimator == "rotation")
+        loss_dtype, _ = reference.dtypes(z, cb)
+        commitment, codebook_loss = (commit_sq / (n * d)).to(loss_dtype), (code_sq / (n * d)).to(loss_dtype)
+        quantized = q3.view(zt.shape).movedim(-1, dim)
+        indices = indices.reshape(*lead, heads) if heads > 1 else indices.reshape(lead)
+        return VQOutput(quantized, indices, cw * commitment + bw * codebook_loss, commitment, codebook_loss)
     indices = _search(zt, cb, cosine, backend)
     zf = zt.reshape(n, heads, dh)
     if cosine:

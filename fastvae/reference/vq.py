@@ -60,7 +60,11 @@ def straight_through(z: Tensor, z_q: Tensor) -> Tensor:
 
 
 def rotation_trick(z: Tensor, z_q: Tensor) -> Tensor:
-    """R z scaled by sg(||z_q|| / ||z||), R the rotation taking z's direction to z_q's (module docstring)."""
+    """R z scaled by sg(||z_q|| / ||z||), R the rotation taking z's direction to z_q's (module docstring);
+    16-bit inputs computed in fp32 (a chain of five rounded bf16 ops moves the value by several ulps)."""
+    out_dtype, dt = dtypes(z, z_q, loss=False)
+    if dt != out_dtype:
+        return rotation_trick(z.to(dt), z_q.to(dt)).to(out_dtype)
     nz = z.norm(dim=-1, keepdim=True)
     nq = z_q.detach().norm(dim=-1, keepdim=True)
     u = (z / nz.clamp_min(NORM_EPS)).detach()
