@@ -64,3 +64,6 @@ __all__ += ["FSQOutput", "finite_scalar_quantize"]
 from .gumbel import gumbel_softmax, gumbel_softmax_kl  # noqa: E402
 
 __all__ += ["gumbel_softmax", "gumbel_softmax_kl"]
+from .soft_assign import SoftAssignOutput, soft_assign  # noqa: E402
+
+__all__ += ["SoftAssignOutput", "soft_assign"]

@@ -62,3 +62,6 @@ __all__ += ["fsq"]
 from . import gumbel  # noqa: E402
 
 __all__ += ["gumbel"]
+from . import soft_assign  # noqa: E402
+
+__all__ += ["soft_assign"]
