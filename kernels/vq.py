@@ -28,7 +28,8 @@ Backward (``vq_bwd_kernel``) recomputes the gathered codes from the indices and 
     dz = J_est^T g + 2 g_c (z - z_q)                  (then F.normalize's Jacobian for cosine)
     row_n = 2 g_b (z_q - z)                           (stored in code order: per-code sums, no atomics)
 
-with J_est the identity (straight-through) or s (I - 2 w w^T + 2 q u^T) (rotation trick, u q w s detached).
+with J_est the identity (straight-through), s (I - 2 w w^T + 2 q u^T) (rotation trick, u q w s detached), or
+0 (ESTIMATOR == VALUE: z_q itself is written, a value without a gradient to z, as residual VQ's stages use it).
 Each pass over D re-reads the tile's z and codes from L1/L2: the epilogue moves 2 N D elements in (z, the
 gathered codes) and N D out, against the search's 2 N K D FLOPs.
 
@@ -43,6 +44,10 @@ from .tiles import token_code_dot, token_rows
 
 NORM_EPS = tl.constexpr(1e-6)  # the rotation trick's safe_div floor (vector-quantize-pytorch's)
 NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's
+# what the fused kernels write as z_q (its value is z_q in each case; its gradient to z differs)
+STRAIGHT_THROUGH = tl.constexpr(0)
+ROTATION = tl.constexpr(1)
+VALUE = tl.constexpr(2)
 
 
 @triton.jit
@@ -141,7 +146,7 @@ def vq_fwd_kernel(
     z_ptr, e_ptr, bias_ptr, scale_ptr, eden_ptr, idx_ptr, q_ptr, sq_ptr,
     N, S, K, D,
     stride_b, stride_s, stride_d, qstride_b, qstride_s, qstride_d, stride_eh, stride_ek,
-    COSINE: tl.constexpr, ROTATION: tl.constexpr, DOT_FP32: tl.constexpr,
+    COSINE: tl.constexpr, ESTIMATOR: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Search, then z_q (the estimator's value) written and the squared error summed: one program per tile
@@ -163,7 +168,7 @@ def vq_fwd_kernel(
         eden = tl.load(eden_ptr + head * K + idx, mask=row_ok, other=1.0)
     alpha = tl.zeros([BLOCK_N], tl.float32)
     beta = tl.zeros([BLOCK_N], tl.float32)
-    if ROTATION:
+    if ESTIMATOR == ROTATION:
         vv = tl.zeros([BLOCK_N], tl.float32)
         qq = tl.zeros([BLOCK_N], tl.float32)
         vq = tl.zeros([BLOCK_N], tl.float32)
@@ -179,8 +184,10 @@ def vq_fwd_kernel(
         zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
         diff = zf - ef
         sq += tl.sum(diff * diff, axis=1)
-        if ROTATION:
+        if ESTIMATOR == ROTATION:
             out = alpha[:, None] * zf + beta[:, None] * ef
+        elif ESTIMATOR == VALUE:
+            out = ef
         else:  # z + (z_q - z), each op rounded to the output dtype as torch's eager ops round it
             out = zf + (ef - zf).to(out_ty).to(tl.float32)
         tl.store(q_ptr + q_base[:, None] + ds[None, :].to(tl.int64) * qstride_d, out.to(out_ty), mask=m)
@@ -193,7 +200,7 @@ def vq_bwd_kernel(
     N, S, K, D,
     stride_b, stride_s, stride_d, gstride_b, gstride_s, gstride_d, zgstride_b, zgstride_s, zgstride_d,
     stride_eh, stride_ek,
-    COSINE: tl.constexpr, ROTATION: tl.constexpr, CODE_GRAD: tl.constexpr,
+    COSINE: tl.constexpr, ESTIMATOR: tl.constexpr, CODE_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dz in z's dtype (strides zgstride_*) and, with CODE_GRAD, each token's codebook-gradient row written at
@@ -220,7 +227,7 @@ def vq_bwd_kernel(
     vq = tl.zeros([BLOCK_N], tl.float32)
     gv = tl.zeros([BLOCK_N], tl.float32)
     gq = tl.zeros([BLOCK_N], tl.float32)
-    if COSINE or ROTATION:
+    if COSINE or ESTIMATOR == ROTATION:
         for d0 in range(0, D, BLOCK_D):
             zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
             g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
@@ -230,11 +237,11 @@ def vq_bwd_kernel(
             vq += tl.sum(zf * ef, axis=1)
             gv += tl.sum(g * zf, axis=1)
             gq += tl.sum(g * ef, axis=1)
-    # J_est^T g = s g + ca z + cb z_q  (straight-through: s = 1, ca = cb = 0)
-    s = tl.full([BLOCK_N], 1.0, tl.float32)
+    # J_est^T g = s g + ca z + cb z_q  (straight-through: s = 1, ca = cb = 0; a value: s = 0)
+    s = tl.full([BLOCK_N], 1.0 if ESTIMATOR != VALUE else 0.0, tl.float32)
     ca = tl.zeros([BLOCK_N], tl.float32)
     cb = tl.zeros([BLOCK_N], tl.float32)
-    if ROTATION:
+    if ESTIMATOR == ROTATION:
         _, _, cz, cq, cw, s = _rotation(vv, qq, vq)
         g_w = (gv / cz + gq / cq) / cw  # g . w
         g_q = gq / cq  # g . q

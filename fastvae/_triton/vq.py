@@ -16,6 +16,8 @@ from ..kernels import vq as vq_k
 from . import common
 
 BLOCK_N, BLOCK_K = 64, 64
+# the kernels' ESTIMATOR modes: what z_q's gradient to z is (a value: none)
+ESTIMATORS = {"straight_through": 0, "rotation": 1, "value": 2}
 
 
 def _block_d(d: int) -> int:
@@ -83,8 +85,8 @@ def _layout_like(z: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @common.custom_op("fastvae::vq_quantize")
-def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, rotation: bool) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
-    """(z_q in z's layout and torch's promoted dtype, indices (B S, H), the squared error summed twice: the
+def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, estimator: int) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+    """``estimator``: one of ``ESTIMATORS``' values. (z_q in z's layout and torch's promoted dtype, indices (B S, H), the squared error summed twice: the
     commitment's and the codebook's, the same value with separate gradients); z (B, S, H Dh) a view read in
     place, codebook (H, K, Dh)."""
     b, s, _ = z.shape
@@ -101,7 +103,7 @@ def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, rotation: bool) -
             z, e, bias, scale, eden, idx, q, parts,
             n, s, k, dh,
             z.stride(0), z.stride(1), z.stride(2), q.stride(0), q.stride(1), q.stride(2), e.stride(0), e.stride(1),
-            COSINE=cosine, ROTATION=rotation, DOT_FP32=_dot_fp32(z, e),
+            COSINE=cosine, ESTIMATOR=estimator, DOT_FP32=_dot_fp32(z, e),
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(dh), num_warps=4,
         )
     sq = common.finish_sum(parts, 1.0, torch.float32) if n else parts.new_zeros(())
@@ -109,7 +111,7 @@ def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, rotation: bool) -
 
 
 @_vq_quantize_op.register_fake
-def _(z, codebook, cosine, rotation):
+def _(z, codebook, cosine, estimator):
     q = torch.empty_like(z, dtype=torch.promote_types(z.dtype, codebook.dtype))
     idx = z.new_empty((z.shape[0] * z.shape[1], codebook.shape[0]), dtype=torch.int64)
     return q, idx, z.new_empty((), dtype=torch.float32), z.new_empty((), dtype=torch.float32)
@@ -117,7 +119,7 @@ def _(z, codebook, cosine, rotation):
 
 @common.custom_op("fastvae::vq_quantize_backward")
 def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq: Tensor, cosine: bool,
-               rotation: bool, code_grad: bool) -> "tuple[Tensor, Tensor]":
+               estimator: int, code_grad: bool) -> "tuple[Tensor, Tensor]":
     """(dz in z's layout and dtype, d codebook): ``grad_sq`` (2,) fp32 holds the two sums' upstream grads."""
     b, s, _ = z.shape
     heads, k, dh = codebook.shape
@@ -139,7 +141,7 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
         n, s, k, dh,
         z.stride(0), z.stride(1), z.stride(2), grad_q.stride(0), grad_q.stride(1), grad_q.stride(2),
         gz.stride(0), gz.stride(1), gz.stride(2), e.stride(0), e.stride(1),
-        COSINE=cosine, ROTATION=rotation, CODE_GRAD=code_grad,
+        COSINE=cosine, ESTIMATOR=estimator, CODE_GRAD=code_grad,
         BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dh), num_warps=4,
     )
     if not code_grad:
@@ -156,11 +158,11 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
 
 
 @_vq_bwd_op.register_fake
-def _(z, codebook, idx, grad_q, grad_sq, cosine, rotation, code_grad):
+def _(z, codebook, idx, grad_q, grad_sq, cosine, estimator, code_grad):
     return torch.empty_like(z), torch.empty_like(codebook)
 
 
-def _quantize_formula(z: Tensor, codebook: Tensor, idx: Tensor, cosine: bool, rotation: bool):
+def _quantize_formula(z: Tensor, codebook: Tensor, idx: Tensor, cosine: bool, estimator: int):
     """The op's outputs by the eager reference at fixed indices: what create_graph differentiates."""
     n, heads = idx.shape
     zf = z.reshape(n, heads, codebook.shape[-1])
@@ -171,37 +173,44 @@ def _quantize_formula(z: Tensor, codebook: Tensor, idx: Tensor, cosine: bool, ro
     zc, qc = zf.float(), z_q.float()
     commit, code = (zc - qc.detach()).square().sum(), (zc.detach() - qc).square().sum()
     z_q = z_q.to(torch.promote_types(z.dtype, z_q.dtype))
-    est = vq_ref.rotation_trick if rotation else vq_ref.straight_through
+    if estimator == ESTIMATORS["value"]:
+        return z_q.detach().reshape(z.shape), commit, code
+    est = vq_ref.rotation_trick if estimator == ESTIMATORS["rotation"] else vq_ref.straight_through
     return est(zf, z_q).reshape(z.shape), commit, code
 
 
 def _setup(ctx, inputs, output):
-    z, codebook, cosine, rotation = inputs
+    z, codebook, cosine, estimator = inputs
     if not codebook.requires_grad:
         # an EMA codebook is a buffer its module updates in place before backward runs: z's gradient needs
         # the codes this forward used (the eager path saves the gathered z_q; K x D is the smaller copy)
         codebook = codebook.clone()
     ctx.save_for_backward(z, codebook, output[1])
-    ctx.flags = (cosine, rotation)
+    ctx.flags = (cosine, estimator)
     ctx.mark_non_differentiable(output[1])
+    if estimator == ESTIMATORS["value"]:
+        ctx.mark_non_differentiable(output[0])
 
 
 def _backward(ctx, grad_q, _grad_idx, grad_commit, grad_code):
     z, codebook, idx = ctx.saved_tensors
-    cosine, rotation = ctx.flags
+    cosine, estimator = ctx.flags
     if torch.is_grad_enabled():  # create_graph: the formula, differentiable again
         return common.differentiable_backward(
-            lambda z_, cb_: _quantize_formula(z_, cb_, idx, cosine, rotation), (z, codebook),
+            lambda z_, cb_: _quantize_formula(z_, cb_, idx, cosine, estimator), (z, codebook),
             ctx.needs_input_grad[:2], (grad_q, grad_commit, grad_code)) + (None, None)
     grad_sq = torch.stack([grad_commit, grad_code]).float()
-    gz, gcb = _vq_bwd_op(z, codebook, idx, grad_q, grad_sq, cosine, rotation, ctx.needs_input_grad[1])
+    if grad_q is None:  # a value-only z_q takes no gradient
+        grad_q = torch.zeros((), dtype=z.dtype, device=z.device).expand(z.shape)
+    gz, gcb = _vq_bwd_op(z, codebook, idx, grad_q, grad_sq, cosine, estimator, ctx.needs_input_grad[1])
     return (gz if ctx.needs_input_grad[0] else None), (gcb if ctx.needs_input_grad[1] else None), None, None
 
 
 _vq_quantize_op.register_autograd(_backward, setup_context=_setup)
 
 
-def vq_quantize(z3: Tensor, codebook: Tensor, cosine: bool, rotation: bool) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
-    """Validated arguments in: z3 a (B, S, H * Dh) view of the tokens, codebook (H, K, Dh); out (z_q in z3's
-    shape, indices (B S, H), commitment sum, codebook sum): the sums of squared errors in fp32."""
-    return _vq_quantize_op(z3, codebook, cosine, rotation)
+def vq_quantize(z3: Tensor, codebook: Tensor, cosine: bool, estimator: str) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+    """Validated arguments in: z3 a (B, S, H * Dh) view of the tokens, codebook (H, K, Dh), ``estimator`` a key
+    of ``ESTIMATORS``; out (z_q in z3's shape, indices (B S, H), commitment sum, codebook sum): the sums of
+    squared errors in fp32."""
+    return _vq_quantize_op(z3, codebook, cosine, ESTIMATORS[estimator])

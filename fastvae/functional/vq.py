@@ -141,8 +141,7 @@ def vector_quantize(
         # one kernel: search, z_q (or the rotation's output) written in z's layout, the squared error summed
         from .._triton import vq as vq_triton
 
-        q3, indices, commit_sq, code_sq = vq_triton.vq_quantize(_token_view(zt, d), cb, cosine,
-                                                                 estimator == "rotation")
+        q3, indices, commit_sq, code_sq = vq_triton.vq_quantize(_token_view(zt, d), cb, cosine, estimator)
         loss_dtype, _ = reference.dtypes(z, cb)
         commitment, codebook_loss = (commit_sq / (n * d)).to(loss_dtype), (code_sq / (n * d)).to(loss_dtype)
         quantized = q3.view(zt.shape).movedim(-1, dim)
@@ -297,15 +296,27 @@ def residual_vector_quantize(
     zt = z.movedim(dim, -1)
     lead = zt.shape[:-1]
     base = zt.reshape(-1, 1, d)
+    n = base.shape[0]
     residual = base
     total = torch.zeros_like(base, dtype=torch.promote_types(z.dtype, codebooks.dtype))
     all_indices, commitment, codebook_loss = [], 0.0, 0.0
+    fused = use_triton(backend, zt, codebooks)
+    if fused:
+        from .._triton import vq as vq_triton
+
+        loss_dtype, _ = reference.dtypes(z, codebooks)
     for s in range(stages):
         cb = codebooks[s].unsqueeze(0)
-        # the first stage reads z where it lies; later residuals are new (N, D) tensors
-        idx = _search(zt if s == 0 else residual.reshape(*lead, d), cb, False, backend)
-        q = reference.gather_codes(cb, idx)
-        c, b = reference.vq_losses(residual, q)
+        if fused:
+            # one kernel a stage: search, z_q (a value: the stack's estimator comes last) and both squared
+            # errors; the first stage reads z where it lies, later residuals are new (N, 1, D) tensors
+            q, idx, c, b = vq_triton.vq_quantize(_token_view(zt, d) if s == 0 else residual, cb, False, "value")
+            q = q.reshape(residual.shape)
+            c, b = (c / (n * d)).to(loss_dtype), (b / (n * d)).to(loss_dtype)
+        else:
+            idx = _search(zt if s == 0 else residual.reshape(*lead, d), cb, False, backend)
+            q = reference.gather_codes(cb, idx)
+            c, b = reference.vq_losses(residual, q)
         commitment, codebook_loss = commitment + c, codebook_loss + b
         total = total + q
         residual = residual - q.detach()
