@@ -39,6 +39,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "nkd" in metafunc.fixturenames:
         sizes = _vq_sizes(metafunc.config)
         metafunc.parametrize("nkd", sizes, ids=[f"{n}x{k}x{d}" for n, k, d in sizes])
+    if "vq_dtype" in metafunc.fixturenames:
+        # bf16 on CUDA: what tokenizers train in (the tensor cores' 16-bit rate); fp32 runs as tf32x3
+        dts = [torch.float32, torch.bfloat16] if bench_device().type == "cuda" and not is_quick(metafunc.config) \
+            else [torch.float32]
+        metafunc.parametrize("vq_dtype", dts, ids=[str(t).removeprefix("torch.") for t in dts])
     if "nd" in metafunc.fixturenames:
         sizes = _lfq_sizes(metafunc.config)
         metafunc.parametrize("nd", sizes, ids=[f"{n}x{d}" for n, d in sizes])
@@ -65,17 +70,17 @@ def peers_lfq_entropy(z, inv_temperature=100.0):
     return per_sample - (-avg * log(avg)).sum()
 
 
-def _make_vq(n: int, k: int, d: int, mode: str, device: torch.device) -> Batch:
+def _make_vq(n: int, k: int, d: int, mode: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Batch:
     grad = mode == "fwdbwd"
-    z = torch.randn(n, d, device=device).requires_grad_(grad)
-    codebook = torch.randn(k, d, device=device).requires_grad_(grad)
+    z = torch.randn(n, d, device=device, dtype=dtype).requires_grad_(grad)
+    codebook = torch.randn(k, d, device=device, dtype=dtype).requires_grad_(grad)
     # the quantized tokens' gradient (the decoder's), and the loss's (None: a scalar, whose gradient is 1)
-    return Batch((z, codebook), (torch.randn(n, d, device=device), None) if grad else ())
+    return Batch((z, codebook), (torch.randn(n, d, device=device, dtype=dtype), None) if grad else ())
 
 
-def test_vector_quantize(benchmark, bench: Bench, nkd, mode, impl):
+def test_vector_quantize(benchmark, bench: Bench, nkd, vq_dtype, mode, impl):
     n, k, d = nkd
-    case = Case("vector_quantize", mode, impl, torch.float32, (n, k, d))
+    case = Case("vector_quantize", mode, impl, vq_dtype, (n, k, d))
 
     def fv(backend):
         def run(z, codebook):
@@ -84,18 +89,19 @@ def test_vector_quantize(benchmark, bench: Bench, nkd, mode, impl):
 
         return run
 
-    bench.run_op(benchmark, case, taming_vq, fv, lambda: _make_vq(n, k, d, mode, bench.device), items=n)
+    bench.run_op(benchmark, case, taming_vq, fv, lambda: _make_vq(n, k, d, mode, bench.device, vq_dtype), items=n)
 
 
-def test_vq_search_bound(benchmark, bench: Bench, nkd):
-    """torch.mm(z, codebook.T) alone: the FLOPs every search does, the time the fused search approaches."""
+def test_vq_search_bound(benchmark, bench: Bench, nkd, vq_dtype):
+    """torch.mm(z, codebook.T) alone: the FLOPs every search does, the time the fused search approaches (fp32:
+    torch's default full-precision fp32 GEMM, tf32 off)."""
     n, k, d = nkd
-    case = Case("vq_search_mm", "fwd", "mm", torch.float32, (n, k, d))
+    case = Case("vq_search_mm", "fwd", "mm", vq_dtype, (n, k, d))
 
     def step(b: Batch) -> None:
         torch.mm(b.args[0], b.args[1].t())
 
-    bench.run(benchmark, case, step, lambda: _make_vq(n, k, d, "fwd", bench.device), items=n)
+    bench.run(benchmark, case, step, lambda: _make_vq(n, k, d, "fwd", bench.device, vq_dtype), items=n)
 
 
 def test_lfq_entropy(benchmark, bench: Bench, nd, mode, impl):
