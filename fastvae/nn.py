@@ -946,10 +946,12 @@ class GumbelQuantize(torch.nn.Module):
 
     logits = ``proj`` (a 1x1 conv) of h, K = ``n_embed`` of them per position; the soft one-hot y =
     gumbel_softmax(logits, tau=temp, dim=1, hard=``straight_through`` in training, always hard in eval);
-    z_q = sum_k y_k ``embed.weight``[k] (B, embedding_dim, H, W); ind = argmax_k y; diff = ``kl_weight`` *
-    KL(softmax(logits) || uniform), taming's ``sum(qy * log(qy * n_embed + 1e-10), dim=1).mean()``: the sum
-    over the codes, the mean over the B H W positions, i.e. ``gumbel_softmax_kl(reduction="mean")`` (its
-    "batchmean", the per-image KL of the ELBO, is H W times more). The KL here is exact (no 1e-10 inside the
+    z_q = sum_k y_k ``embed.weight``[k] (B, embedding_dim, H, W), formed with y in one pass
+    (``gumbel_softmax(codebook=...)``: on the kernels y is never written); ind = argmax_k y;
+    diff = ``kl_weight`` * KL(softmax(logits) || uniform), taming's
+    ``sum(qy * log(qy * n_embed + 1e-10), dim=1).mean()``: the sum over the codes, the mean over the B H W
+    positions, i.e. ``gumbel_softmax_kl(reduction="mean")`` (its "batchmean", the per-image KL of the ELBO,
+    is H W times more). The KL here is exact (no 1e-10 inside the
     log: the two differ by under 1e-10 K nats). On the eager path the noise is torch's ``F.gumbel_softmax``
     draw from the same generator (taming's numbers for the same seed); ``generator`` may pin it.
     ``use_vqinterface=False`` returns (z_q, diff, ind); ``return_logits=True`` also the logits. taming's
@@ -970,12 +972,15 @@ class GumbelQuantize(torch.nn.Module):
                 generator: torch.Generator | None = None):
         hard = self.straight_through if self.training else True
         temp = self.temperature if temp is None else temp
+        from .functional.gumbel import gumbel_quantize
+
         logits = self.proj(z)
-        soft_one_hot, kl = F.gumbel_softmax_kl(logits, tau=temp, hard=hard, dim=1, reduction="mean",
-                                               generator=generator, backend=self.backend)
-        z_q = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.embed.weight)
+        # z_q = y . E in the sampling pass (on the kernels the (B, n_embed, H, W) y is never written); the
+        # codebook cast to the logits' dtype, which differs under autocast (16-bit conv output), where
+        # taming's einsum casts both operands the same way
+        z_q, kl, ind = gumbel_quantize(logits, self.embed.weight.to(logits.dtype), temp, hard, 1, "mean",
+                                       generator, self.backend)
         diff = self.kl_weight * kl
-        ind = soft_one_hot.argmax(dim=1)
         if self.use_vqinterface:
             out = (z_q, diff, (None, None, ind))
             return (*out, logits) if return_logits else out
