@@ -143,6 +143,12 @@ CASES: dict[str, Callable[[], None]] = {
         sampled=True),
     "fsq: finite_scalar_quantize": lambda: _compare(
         lambda z, b: fastvae.finite_scalar_quantize(z, [8, 5, 5], backend=b), _inputs((6, 3))),
+    "soft_assign: soft_assign, euclidean, channels first": lambda: _compare(
+        lambda z, codebook, b: fastvae.soft_assign(z, codebook, metric="euclidean", dim=1, backend=b),
+        _inputs((2, 4, 3, 3), (40, 4))),
+    "tiles: token_rows and token_code_dot, through soft_assign's dot logits over two code tiles": lambda: _compare(
+        lambda z, codebook, b: fastvae.soft_assign(z, codebook, temperature=2.0, backend=b),
+        _inputs((5, 20), (70, 20))),
 }
 
 

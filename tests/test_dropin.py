@@ -76,8 +76,13 @@ def _calls(device: torch.device) -> dict:
         y, kl = fastvae.gumbel_softmax_kl(leaf(r(2, 6, 3, 3)), 0.5, dim=1, backend="triton")
         return (y * r(2, 6, 3, 3)).sum() + kl
 
+    def soft_assign():
+        out = fastvae.soft_assign(leaf(r(2, 4, 3, 3)), leaf(r(40, 4)), metric="euclidean", dim=1, backend="triton")
+        return out.quantized.sum() + out.entropy.sum() - out.codebook_entropy
+
     return {"sample_kl": sample_kl, "nll": nll, "bce": bce, "poisson": poisson, "zinb": zinb, "dmol": dmol,
-            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq, "fsq": fsq, "gumbel": gumbel}
+            "disc": disc, "tc": tc, "mmd": mmd, "vq": vq, "lfq": lfq, "fsq": fsq, "gumbel": gumbel,
+            "soft_assign": soft_assign}
 
 
 @triton_only

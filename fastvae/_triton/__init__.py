@@ -35,6 +35,6 @@ __all__ += ["fsq"]
 from .gumbel import gumbel_softmax  # noqa: E402
 
 __all__ += ["gumbel_softmax"]
-from .soft_assign import soft_assign  # noqa: E402
+from .soft_assign import codebook_soft_assign  # noqa: E402
 
-__all__ += ["soft_assign"]
+__all__ += ["codebook_soft_assign"]

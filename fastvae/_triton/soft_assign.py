@@ -180,7 +180,8 @@ def _backward(ctx, g_pe, g_lse, g_h, g_pbar):
 _soft_assign_op.register_autograd(_backward, setup_context=_setup)
 
 
-def soft_assign(z3: Tensor, codebook: Tensor, t: float, metric: str) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+def codebook_soft_assign(z3: Tensor, codebook: Tensor, t: float,
+                         metric: str) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
     """Validated arguments in: z3 a (B, S, D) view of the tokens, codebook (K, D); (pE (B, S, D), lse (N,),
     H (N,), pbar (K,))."""
     return _soft_assign_op(z3, codebook, float(t), METRIC_IDS[metric])

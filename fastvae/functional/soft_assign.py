@@ -72,7 +72,7 @@ def soft_assign(
     if use_triton(backend, z, codebook):
         from .. import _triton
 
-        pe, lse, ent, pbar = _triton.soft_assign(_token_view(zt, d), codebook, 1.0 / tau, metric)
+        pe, lse, ent, pbar = _triton.codebook_soft_assign(_token_view(zt, d), codebook, 1.0 / tau, metric)
         quantized = pe.reshape(zt.shape)
     else:
         pe, lse, ent, pbar = sa_ref.soft_assign(zt.reshape(n, d).to(stat_dtype), codebook.to(stat_dtype),

@@ -41,7 +41,7 @@ def soft_assign(z: Tensor, codebook: Tensor, t: float, metric: str,
     n = z.shape[0]
     pes, lses, ents = [], [], []
     col = codebook.new_zeros(codebook.shape[0])
-    for start in range(0, n, chunk):
+    for start in range(0, max(n, 1), chunk):  # no tokens: one empty chunk, so the outputs stay in the graph
         s = logits(z[start:start + chunk], codebook, t, metric)
         lse = torch.logsumexp(s, dim=-1)
         log_p = s - lse[:, None]
@@ -51,9 +51,6 @@ def soft_assign(z: Tensor, codebook: Tensor, t: float, metric: str,
         lses.append(lse)
         pes.append(p @ codebook)
         col = col + p.sum(0)
-    if n == 0:
-        empty = z.new_zeros(0)
-        return z.new_zeros(z.shape), empty, empty, col / 0.0
     return torch.cat(pes), torch.cat(lses), torch.cat(ents), col / n
 
 
