@@ -35,8 +35,9 @@ cores as it is (exact products), anything else as tf32x3 (fp32 accuracy; not ``I
 rounding, ~6e-8 t |z||e|, already exceeds tf32x3's error, so plain FMAs would buy nothing at a several-fold
 cost). The second-stage products (P E, W E, W^T Z, P^T g_pE) have an fp32 operand (p, w) and run as tf32x3.
 
-Work per step (F = 2 N K D FLOPs): forward 2 F (logits, P E) + F (pbar's logits); backward 3 F (+ F with
-g_pbar) in the token pass and 3-4 F in the code pass; N K exponentials per sweep. Bytes: z and g_pE once per
+Work per step (F = 2 N K D FLOPs): forward 2 F (logits, P E) + F (pbar's logits); backward, token pass 2 F
+(logits, W E) + F with g_pE (g_pE . e) + F with g_pbar (c_n's sweep), code pass 2 F (logits, W^T Z) + 2 F
+with g_pE (g_pE . e, P^T g_pE): 6 to 8 F with every output used; N K exponentials per sweep. Bytes: z and g_pE once per
 token tile stream, the codebook (K D) once per token tile from L2, and O(N + K) statistics: the tensor-core
 rate bounds it once K D is past a few hundred; for small D (< 32) the exponentials (MUFU) do, as in flash
 attention with a small head dim.

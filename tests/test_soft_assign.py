@@ -297,6 +297,27 @@ def test_memory_is_linear_in_tokens_and_codes(backend, device):
     assert cpu_peak_bytes(ours) < 40 * (n + k) * d * 4  # far below one N x K fp32 buffer (32 (N + K) D here)
 
 
+def test_eager_path_chunks_the_tokens(monkeypatch):
+    """The eager formula takes the tokens a chunk at a time: the same numbers as one chunk, and without
+    autograd no N x K buffer (the chunk's logits at most)."""
+    from _memory import cpu_peak_bytes
+
+    from fastvae.reference import soft_assign as sa_ref
+
+    n, k = 4000, 50
+    z, e = torch.randn(n, 6) * 0.6, torch.randn(k, 6) * 0.6
+    whole = sa_ref.soft_assign(z, e, 2.0, "euclidean", chunk=n)
+    for a, b in zip(sa_ref.soft_assign(z, e, 2.0, "euclidean", chunk=64), whole):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(sa_ref, "CHUNK_ELEMENTS", 64 * k)
+
+    def evaluate():
+        with torch.no_grad():
+            fastvae.soft_assign(z, e, metric="euclidean", backend="torch")
+
+    assert cpu_peak_bytes(evaluate) < n * k * 4 // 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -307,6 +328,7 @@ def test_memory_is_linear_in_tokens_and_codes(backend, device):
         (dict(dim=2), ValueError, "dim"),
         (dict(codebook=torch.randn(6)), ValueError, "codebook"),
         (dict(codebook=torch.randn(0, 6)), ValueError, "codebook"),
+        (dict(z=torch.randn(4, 0), codebook=torch.randn(3, 0)), ValueError, "codebook"),
         (dict(codebook=torch.randn(3, 5)), ValueError, "codebook"),
         (dict(codebook=torch.ones(3, 6, dtype=torch.long)), TypeError, "codebook"),
         (dict(z=torch.ones(4, 6, dtype=torch.long)), TypeError, "z"),

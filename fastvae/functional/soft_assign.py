@@ -59,8 +59,9 @@ def soft_assign(
     if metric not in sa_ref.METRICS:
         raise ValueError(f"metric must be one of {', '.join(sa_ref.METRICS)}, got {metric!r}")
     d = z.shape[dim]
-    if codebook.dim() != 2 or codebook.shape[0] < 1:
-        raise ValueError(f"codebook must be (K, D) with K >= 1 codes, got shape {tuple(codebook.shape)}")
+    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"codebook must be (K, D) with K >= 1 codes of D >= 1 features, got shape "
+                         f"{tuple(codebook.shape)}")
     if codebook.shape[1] != d:
         raise ValueError(f"codebook has codes of {codebook.shape[1]} features but z has {d} along dim {dim}")
 

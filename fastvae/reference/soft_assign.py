@@ -7,8 +7,8 @@ Tokens z_n (N x D), codes e_k (K x D), t = 1 / temperature:
     lse_n  = logsumexp_k s_nk,   p_nk = exp(s_nk - lse_n),   H_n = lse_n - sum_k p_nk s_nk
     pbar_k = (1/N) sum_n p_nk,   pE_n = sum_k p_nk e_k
 
-The tokens are taken ``chunk`` at a time: without autograd (evaluation) at most chunk x K logits exist at
-once; with autograd each chunk's tiles are kept for backward, N x K in all (the Triton path keeps none).
+The tokens are taken a chunk at a time: without autograd (evaluation) at most ``CHUNK_ELEMENTS`` logits exist
+at once; with autograd each chunk's tiles are kept for backward, N x K in all (the Triton path keeps none).
 The gradient of a distance is 0 where the distance is 0, as torch's cdist backward defines it.
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 METRICS = ("dot", "euclidean", "sqeuclidean")
-CHUNK = 4096
+CHUNK_ELEMENTS = 1 << 22  # logits a chunk: 16 MiB in fp32, whatever K is (IBQ's K = 16384: 256 tokens)
 
 
 def logits(z: Tensor, codebook: Tensor, t: float, metric: str) -> Tensor:
@@ -35,10 +35,12 @@ def logits(z: Tensor, codebook: Tensor, t: float, metric: str) -> Tensor:
 
 
 def soft_assign(z: Tensor, codebook: Tensor, t: float, metric: str,
-                chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(pE (N, D), lse (N,), H (N,), pbar (K,)) of tokens z (N, D) and codebook (K, D), computed in their dtype
-    (the caller promotes); pbar of no tokens is NaN, as torch's mean of nothing."""
+    (the caller promotes), ``chunk`` tokens at a time (default: CHUNK_ELEMENTS // K); pbar of no tokens is
+    NaN, as torch's mean of nothing."""
     n = z.shape[0]
+    chunk = chunk or max(1, CHUNK_ELEMENTS // codebook.shape[0])
     pes, lses, ents = [], [], []
     col = codebook.new_zeros(codebook.shape[0])
     for start in range(0, max(n, 1), chunk):  # no tokens: one empty chunk, so the outputs stay in the graph
