@@ -421,3 +421,33 @@ def test_compile_fullgraph_training_step():
     torch.testing.assert_close(losses[1], losses[0])
     for g_compiled, g_eager in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_compiled, g_eager)
+
+
+@triton.jit
+def _round_trip_kernel(x_ptr, stored_ptr, cast_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + i)
+    tl.store(stored_ptr + i, x)  # the store's own cast to bf16
+    tl.store(cast_ptr + i, x.to(tl.bfloat16).to(tl.float32))  # an explicit cast and its widening
+
+
+def test_bf16_conversions_round_as_the_gpu():
+    """fp32 -> bf16 rounds to nearest even (cvt.rn.bf16.f32) and bf16 -> fp32 is exact, subnormals included;
+    triton's interpreter truncates and flushes unless fastvae's shim is in place, so on the CPU every bf16
+    output was up to an ulp off what a GPU writes. The shim comes with fastvae's kernel path (imported here
+    because this kernel is the test's own)."""
+    import fastvae._triton  # noqa: F401
+
+    x = torch.cat([torch.randn(4000, device=DEVICE), torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 3.3e38, -3.3e38, 1e-40, -1e-41, 0.0, -0.0, 1.00390625,
+         1.01171875], device=DEVICE)])  # the last two: ties between bf16 neighbours, to even
+    n = triton.next_power_of_2(x.numel())
+    xp = torch.zeros(n, device=DEVICE)
+    xp[:x.numel()] = x
+    stored = torch.empty(n, device=DEVICE, dtype=torch.bfloat16)
+    cast = torch.empty(n, device=DEVICE)
+    _round_trip_kernel[(1,)](xp, stored, cast, N=n)
+    ref = xp.bfloat16()
+    assert torch.equal(stored.view(torch.int16)[~ref.isnan()], ref.view(torch.int16)[~ref.isnan()])
+    assert stored.isnan().equal(ref.isnan())
+    torch.testing.assert_close(cast, ref.float(), rtol=0, atol=0, equal_nan=True)
