@@ -154,6 +154,8 @@ def _setup(ctx, inputs, output):
     pe, lse, ent, _ = output
     ctx.save_for_backward(z, codebook, pe, lse, ent)
     ctx.t, ctx.metric = t, metric
+    # an unused output's gradient stays None (not an N x D zero tensor): the kernels then skip its products
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_pe, g_lse, g_h, g_pbar):
