@@ -250,6 +250,9 @@ def vq_bwd_kernel(
     # y . dL/dy of F.normalize's output y (~ the rounded unit token): its Jacobian's projection
     proj = s * gv + ca * vv + cb * vq + 2.0 * g_c * (vv - vq)
     gz_ty = gz_ptr.dtype.element_ty
+    at = rows  # each token's row in code order
+    if CODE_GRAD:
+        at = tl.load(pos_ptr + rows * heads + head, mask=row_ok, other=0)
     for d0 in range(0, D, BLOCK_D):
         zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
         g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
@@ -258,5 +261,4 @@ def vq_bwd_kernel(
             gy = tl.where((nz >= NORMALIZE_EPS)[:, None], gy - zf * proj[:, None], gy) / zden[:, None]
         tl.store(gz_ptr + gz_base[:, None] + ds[None, :].to(tl.int64) * zgstride_d, gy.to(gz_ty), mask=m)
         if CODE_GRAD:
-            at = tl.load(pos_ptr + rows * heads + head, mask=row_ok, other=0)
             tl.store(rows_ptr + at[:, None] * D + ds[None, :], 2.0 * g_b * (ef - zf), mask=m)
