@@ -8,7 +8,8 @@ and ``JITFunction._pack_args``, the code ``kernel[grid](...)`` runs on a GPU), f
 - integers: 1 where the recorded value was 1 (the JIT makes it a constexpr); otherwise a value of the
   recorded width that is a multiple of 16 under ``ints="div16"`` (the JIT's hint for sizes that are multiples
   of 16, the common case for the large tensors these kernels are for), or one that is not under
-  ``ints="odd"`` (no hint: what the JIT compiles for every other size);
+  ``ints="odd"`` (no hint: what the JIT compiles for every other size); an argument that carries a
+  ``value`` (a spec built for one launch shape, ``_sass_tiles``) gets that value;
 - floats, bools, None and constexprs as recorded.
 
 Kernel modules are imported from their files under stub parent packages, so ``kernels/`` (which imports only
@@ -91,6 +92,10 @@ def _stand_in(arg: dict[str, Any], ints: str) -> Any:
     if kind == "tensor":
         return MockTensor(tl.dtype(_TL_NAMES.get(arg["dtype"], arg["dtype"])))
     if kind == "int":
+        # a recording keeps no values (a launch's specialization does not depend on them); a spec built for
+        # one shape gives each its value, so the divisibility hints are that launch's (D = 8 or 14 has none)
+        if "value" in arg:
+            return arg["value"]
         return 1 if arg["one"] else INT_VALUES[ints][arg["type"]]
     if kind == "float":
         return 0.5

@@ -151,7 +151,8 @@ class Instr:
         return self.pred is not None and self.pred not in ("@PT", "@UPT")
 
 
-_INSTR = re.compile(r"/\*([0-9a-fA-F]+)\*/\s*(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\s*([^;]*);")
+# modifiers may hold lower case: wgmma's shape, HGMMA.64x64x16.F32.BF16
+_INSTR = re.compile(r"/\*([0-9a-fA-F]+)\*/\s*(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)\s*([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L\w+):")
 _FILE = re.compile(r'"([^"]+)", line (\d+)')  # File "a.py", line 44 inlined at "b.py", line 86
 _TARGET = re.compile(r"`\((\.L\w+)\)")

@@ -8,6 +8,7 @@ on a machine without a GPU.
     python bench/sass_report.py --specs FILE --warm-cache DIR --arch 90   # fill a Triton cache ahead of a GPU run
     python bench/sass_report.py --specs FILE --out DIR --check-only --compile-record [RECORD] [--update-record]
                                                 # check only what the compile record has no clean result for
+    python bench/sass_report.py --tiles --out DIR [--specs FILE]          # the tile kernels' report (tiles.md)
 
 Recording runs the test suite under ``TRITON_INTERPRET=1`` with every kernel launch recorded (see
 ``_sass_record``): whatever kernels and constexpr modes the public API reaches are covered, with no list
@@ -18,6 +19,13 @@ hot path by class, and a *predicted* H100/H200 bound: issue-limited time against
 minimal bytes (see ``_sass_parse``), at a measured copy bandwidth (``--copy-bandwidth``) or a nominal one.
 Nothing else in it is measured on a GPU. ``--check`` exits non-zero when a specialization fails to compile or
 spills.
+
+``--tiles`` writes ``DIR/tiles.md`` and ``DIR/tiles.json`` instead: the codebook kernels (VQ search and fused
+forward, LFQ entropy, soft assignment) compiled at the headline launch shapes, their SASS read per iteration
+of the loop over code tiles (instructions, MMAs and their shape, MUFU, by class and source line), and a
+*predicted* bound against the tensor cores, the issue rate or a pipe (not DRAM), beside
+``torch.mm(z, codebook.T)`` at the same shape (see ``_sass_tiles``). The workloads are built on recorded
+specializations of those kernels (``--specs``, or by default a recording of ``TILE_TEST_FILES`` made first).
 
 The compile record (``--compile-record``, default ``bench/results/sass/compile_record.json``) keeps each
 checked specialization's result under the hash ``triton.compile`` gives it, computed without compiling (see
@@ -51,6 +59,10 @@ DEFAULT_PYTEST_ARGS = ["-qq", "--tb=no", "-rN", "-p", "no:cacheprovider", "-m", 
 # launches of more programs than this are recorded and skipped: the suite's big tensors cost minutes in the
 # interpreter, and a launch's specialization does not depend on its values
 RUN_PROGRAMS = 16
+# the tests whose launches reach the tile kernels --tiles reports (a test file missing here is left out)
+TILE_TEST_FILES = ["tests/test_vq.py", "tests/test_lfq.py", "tests/test_gumbel.py", "tests/test_fsq.py",
+                   "tests/test_soft_assign.py"]
+TILE_PYTEST_ARGS = ["-qq", "--tb=no", "-rN", "-p", "no:cacheprovider"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -630,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the DRAM bandwidth of the model: a measured copy bandwidth in GB/s, or a GPU run's "
                          "JSON holding copy_gbps (ci/gpu.sh's results.json, a benchmark JSON); default: the "
                          f"nominal {NOMINAL_COPY_GBPS:.0f} GB/s")
+    ap.add_argument("--tiles", action="store_true",
+                    help="write DIR/tiles.md and tiles.json: the codebook kernels at their headline shapes against "
+                         "the tensor cores and the issue rate (--specs: recordings holding them; default: record "
+                         "the codebook tests first)")
     args = ap.parse_args(argv)
     if args.update_record and not args.compile_record:
         args.compile_record = DEFAULT_RECORD
@@ -672,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         ap.error("--out is required unless --record is given")
     os.makedirs(args.out, exist_ok=True)
+    if args.tiles:
+        return tiles_report(args, root)
     specs_files = args.specs
     if specs_files is None:
         specs_files = [os.path.join(args.out, "specializations.json")]
@@ -745,6 +763,86 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SPILLS sm_{r['arch']} {r['name']}: {r['spill_bytes']} bytes spilled (stores + loads), "
               f"{r['regs']} registers", file=sys.stderr)
     return 1 if (args.check or args.check_only) and (failed or spilled) else 0
+
+
+def _source_lines(root: str, keys: list[str]) -> dict[str, str]:
+    """``file:line`` -> that line's text, stripped (for the report's per-line counts)."""
+    out = {}
+    for key in keys:
+        path, _, line = key.rpartition(":")
+        try:
+            with open(os.path.join(root, path)) as f:
+                out[key] = f.read().splitlines()[int(line) - 1].strip()[:100]
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def tiles_report(args: argparse.Namespace, root: str) -> int:
+    """--tiles: compile each ``_sass_tiles.WORKLOADS`` entry for its arch, read its tile loop, write tiles.md and
+    tiles.json to ``args.out``; non-zero when a workload fails to build, compile or parse, or spills."""
+    import _sass_tiles
+    import triton
+    from _sass_compile import ptxas_path
+
+    arch = (args.arch or [90])[0]
+    specs_files = args.specs
+    if specs_files is None:
+        # a separate process: the interpreter must be on while recording and off while compiling
+        specs_files = [os.path.join(tempfile.mkdtemp(prefix="sass-tiles-"), "specializations.json")]
+        tests = [t for t in TILE_TEST_FILES if os.path.exists(os.path.join(root, t))]
+        cmd = [sys.executable, os.path.abspath(__file__), "--record", specs_files[0], "--root", root,
+               "--run-programs", str(args.run_programs), "--", *TILE_PYTEST_ARGS, *tests]
+        subprocess.run(cmd, check=True)
+    recorded, recording = _load_specs(specs_files)
+    model = dram_model(args.copy_bandwidth)
+    t0 = time.time()
+    built: list[tuple[Any, dict[str, Any] | None, str]] = []
+    for w in _sass_tiles.WORKLOADS:
+        try:
+            built.append((w, _sass_tiles.build_spec(w, recorded), ""))
+        except KeyError as e:
+            built.append((w, None, f"{e.args[0]}"))
+    compile_env(args.cache_dir)
+    todo = [(root, spec, arch, args.ints if args.ints != "both" else "div16", True, model)
+            for _, spec, _ in built if spec is not None]
+    compiled = iter(compile_work(todo, args.jobs))
+    rows: list[dict[str, Any]] = []
+    for w, spec, error in built:
+        row: dict[str, Any] = {"workload": {**vars(w), "kernel_name": w.kernel_name}}
+        if spec is None:
+            rows.append({**row, "ok": False, "error": error})
+            continue
+        c = next(compiled)
+        row.update({k: c[k] for k in ("name", "ok") if k in c}, assumed_ints=spec["assumed_ints"])
+        if not c["ok"]:
+            rows.append({**row, "error": c["error"]})
+            continue
+        row.update({k: c[k] for k in ("regs", "spill_bytes", "spills", "shared_bytes", "num_warps")})
+        try:
+            row.update(_sass_tiles.analyze(w, c["sass"], c["num_warps"], model))
+            row["line_text"] = _source_lines(root, list(row["iteration"]["lines"])[:_sass_tiles.TOP_LINES])
+        except ValueError as e:  # the SASS has no loop to match: the kernel changed shape
+            row.update(ok=False, error=f"tile loop not found: {e}")
+        rows.append(row)
+    meta = {"triton": triton.__version__, "arch": arch, "ptxas": _ptxas_version(ptxas_path(arch)),
+            "recordings": recording["recordings"], "ints": args.ints, "dram_bytes_per_s": model["dram_bytes_per_s"],
+            "dram_source": model["dram_source"], "compile_seconds": round(time.time() - t0, 1),
+            "note": "predicted from SASS with a simple H100/H200 model, not measured"}
+    meta["findings"] = _sass_tiles.findings(rows)
+    from _sass_record import dumps_rows
+
+    with open(os.path.join(args.out, "tiles.json"), "w") as f:
+        f.write(dumps_rows({"meta": meta}, "results", rows))
+    with open(os.path.join(args.out, "tiles.md"), "w") as f:
+        f.write(_sass_tiles.markdown(rows, meta))
+    bad = [r for r in rows if not r["ok"] or r.get("spills")]
+    print(f"triton {triton.__version__}: {len(rows) - len(bad)}/{len(rows)} tile workloads for sm_{arch}, "
+          f"{time.time() - t0:.0f} s -> {os.path.join(args.out, 'tiles.md')}", file=sys.stderr)
+    for r in bad:
+        print(f"{'FAILED' if not r['ok'] else 'SPILLS'} {r['workload']['name']} {r['workload']['dtype']}: "
+              f"{r.get('error', '').splitlines()[0][:300] if not r['ok'] else r['spill_bytes']}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def record_summary(stats: dict[str, Any], failed: list[dict[str, Any]], spilled: list[dict[str, Any]],

@@ -1,5 +1,6 @@
 """bench/sass_report.py's analysis: opcode classes, access widths, the hot path through slow-path branches and
-loops, spill detection, the TTIR byte count, and one real compile for sm_90 on this machine (skipped where
+loops, spill detection, the TTIR byte count, the tile kernels' loop and MMA counts (a SASS snippet and a real tl.dot
+kernel), and one real compile for sm_90 on this machine (skipped where
 triton cannot compile for a GPU target, or under the interpreter); the compile record's keys (computed without
 compiling) and the incremental check on a throwaway kernel with the compile mocked; the model's bandwidth."""
 
@@ -15,6 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import _sass_parse as sp  # noqa: E402
+import _sass_tiles as st  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
@@ -187,6 +189,24 @@ def axpy_kernel(x_ptr, y_ptr, n, a, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
     tl.store(y_ptr + offs, a * x + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def tile_dot_kernel(z_ptr, e_ptr, out_ptr, K, D, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    # the codebook kernels' shape: a loop over code tiles around a loop over feature chunks with tl.dot
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            z = tl.load(z_ptr + rows[:, None] * D + ds[None, :])
+            e = tl.load(e_ptr + ks[:, None] * D + ds[None, :])
+            acc = tl.dot(z, tl.trans(e), acc)
+        best = tl.minimum(best, tl.min(acc, axis=1))
+    tl.store(out_ptr + rows, best)
 
 
 @triton.jit
@@ -557,3 +577,185 @@ def test_a_record_from_other_checking_code_is_ignored(tiny, tmp_path):
     record.write_text(record.read_text().replace(data["checker"], "0" * 16))
     _, stats = sass_report.check_with_record(work, str(record), 1, compile_fn=compile_fn)
     assert calls[-1] == [128] and stats["found"] == 0
+
+
+# a codebook kernel's shape: a loop over code tiles (.L_x_0) around a pipelined feature-chunk loop (.L_x_1) with
+# a zero-trip guard that skips it, an epilogue per code tile, and code after the loop once per program
+TILE_SASS = textwrap.dedent("""\
+    tile:
+    \t//## File "/r/kernels/vq.py", line 90
+            /*0000*/                   S2R R0, SR_CTAID.X ;
+            /*0010*/              @!P0 BRA `(.L_x_3) ;
+    .L_x_0:
+    \t//## File "/r/kernels/tiles.py", line 44 inlined at "/r/kernels/vq.py", line 62
+            /*0020*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R2.64] ;
+            /*0030*/                   LDGDEPBAR ;
+            /*0040*/               @P6 BRA `(.L_x_2) ;
+    .L_x_1:
+    \t//## File "/r/kernels/tiles.py", line 53 inlined at "/r/kernels/vq.py", line 62
+            /*0050*/                   DEPBAR.LE SB0, 0x1 ;
+            /*0060*/                   WARPGROUP.ARRIVE ;
+            /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+            /*0080*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+            /*0090*/                   IADD3 R5, R5, 0x1, RZ ;
+            /*00a0*/               @P6 BRA `(.L_x_1) ;
+    .L_x_2:
+    \t//## File "/r/kernels/vq.py", line 71
+            /*00b0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+            /*00c0*/                   FMNMX R6, R24, R25, PT ;
+            /*00d0*/                   FSETP.GEU.AND P1, PT, R6, R7, PT ;
+            /*00e0*/                   MUFU.EX2 R8, R6 ;
+            /*00f0*/               @!P2 BRA `(.L_x_0) ;
+    .L_x_3:
+    \t//## File "/r/kernels/vq.py", line 95
+            /*0100*/                   STG.E desc[UR4][R2.64], R6 ;
+            /*0110*/                   EXIT ;
+    .L_x_4:
+            /*0120*/                   BRA `(.L_x_4) ;
+    """)
+
+
+def test_mma_opcodes():
+    h = st.mma("HGMMA.64x64x16.F32.BF16")
+    assert (h.m, h.n, h.k, h.dtype, h.warps) == (64, 64, 16, "bf16", 4)
+    assert h.flops_per_warp == 2 * 64 * 64 * 16 / 4  # a warpgroup's product, a quarter per warp
+    assert st.mma("HGMMA.64x128x8.F32.TF32").dtype == "tf32"
+    m = st.mma("HMMA.16816.F32.BF16")
+    assert (m.m, m.n, m.k, m.warps) == (16, 8, 16, 1) and m.flops_per_warp == 4096
+    assert st.mma("HMMA.1684.F32.TF32").k == 4
+    assert st.mma("FFMA") is None and st.mma("HADD2.F32") is None
+
+
+def test_tile_loop_iteration():
+    instrs = sp.parse_sass(TILE_SASS)
+    # the wgmma shape survives parsing (lower case in the modifiers)
+    assert instrs[7].opcode == "HGMMA.64x64x16.F32.BF16" and instrs[7].operands.startswith("R24")
+    tile, chunk, how = st.tile_loops(instrs, chunked=True)
+    assert (instrs[tile.head].addr, instrs[tile.latch].addr) == (0x20, 0xF0)
+    assert (instrs[chunk.head].addr, instrs[chunk.latch].addr) == (0x50, 0xA0) and how == "mma"
+    it, _ = st.iteration(instrs, chunked=True, chunks=4)
+    # the guard that skips the chunk loop is not taken: 3 before, 6 x 4 in the chunk loop, 5 after
+    assert len(it.opcodes) == 3 + 6 * 4 + 5
+    c = it.counts()
+    assert c["mma"] == 8 and c["mma_opcodes"] == {"HGMMA.64x64x16.F32.BF16": 8} and c["mufu"] == 1
+    assert c["other_than_mma"] == c["classes"]["other"] - 8
+    assert it.rest == ["S2R", "BRA", "STG.E", "EXIT"] and it.static == 14 and it.chunk_body == 6
+    assert it.lines["kernels/tiles.py:53"] == 24 and it.lines["kernels/vq.py:71"] == 5
+    # without a chunk loop the MMA loop is the tile loop
+    it1, _ = st.iteration(instrs, chunked=False, chunks=1)
+    assert len(it1.opcodes) == 6
+    # no MMA: the innermost hot loop stands in (an ieee dot runs as FFMAs)
+    ffma = sp.parse_sass(TILE_SASS.replace("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "FFMA R24, R1, R2, R24")
+                         .replace("LDGSTS.E.BYPASS.128 [R4]", "LDG.E.128 R4"))
+    assert st.tile_loops(ffma, chunked=False)[2] == "hot"
+
+
+def _toy(**kw):
+    base = dict(name="toy", kernel="kernels/toy.py:toy_kernel", dtype="bf16", n=64 * 264, k=64 * 10, d=32,
+                programs=264, trips=10, chunked=True, chunks=1, work={"bf16": 64 * 264 * 64 * 10 * 32})
+    return st.Workload(**{**base, **kw})
+
+
+def test_tile_prediction_model():
+    model = sp.H100
+    # per tile iteration per warp: 1 HGMMA 64x64x16 (for 4 warps: one 64x64x16 product) and 99 ALU instructions
+    it = st.Iteration(["HGMMA.64x64x16.F32.BF16"] + ["LOP3.LUT"] * 99, [], 100,
+                      mmas=[st.mma("HGMMA.64x64x16.F32.BF16")])
+    p = st.predict(_toy(), it, warps=4, model=model)
+    assert p["waves"] == 2 and p["sms_used"] == 132
+    iters = 264 * 10
+    assert p["issue_s"] == pytest.approx(4 * iters * 100 / (132 * 4 * 1.98e9))
+    assert p["pipe_s"]["alu"] == pytest.approx(4 * iters * 99 / (132 * 2 * 1.98e9))
+    assert p["tensor_s"] == pytest.approx(iters * 2 * 64 * 64 * 16 / 989.4e12)
+    assert p["bound"] == "pipe:alu" and p["mma_flops_over_useful"] == pytest.approx(0.5)
+    # 33 programs: one each on 33 SMs, the rest idle, every floor 4x the full GPU's per program
+    p33 = st.predict(_toy(programs=33), it, warps=4, model=model)
+    assert p33["sms_used"] == 33
+    assert p33["issue_s"] / (33 * 10) == pytest.approx(p["issue_s"] / iters * 4)
+    # the reference matmul: bf16 FLOPs on the tensor cores or its N x K write, whichever is longer
+    ref = p["mm"]
+    assert ref["compute_s"] == pytest.approx(2 * 64 * 264 * 640 * 32 / 989.4e12)
+    assert ref["write_s"] == pytest.approx(64 * 264 * 640 * 2 / model["dram_bytes_per_s"])
+    assert ref["seconds"] == max(ref["compute_s"], ref["write_s"])
+    assert st.fp32_peak(model) == pytest.approx(66.9e12, rel=0.01)
+
+
+def test_tile_workload_spec():
+    recorded = [{"file": "kernels/vq.py", "kernel": "vq_argmin_kernel", "module": "fastvae.kernels.vq",
+                 "options": {"num_warps": 4}, "args": {
+                     "z_ptr": {"kind": "tensor", "dtype": "fp32"}, "e_ptr": {"kind": "tensor", "dtype": "fp32"},
+                     "N": {"kind": "int", "one": False, "type": "i32"},
+                     "S": {"kind": "int", "one": True, "type": "i32"},
+                     "extra": {"kind": "int", "one": False, "type": "i32"},
+                     "DOT_FP32": {"kind": "constexpr", "value": True}, "BLOCK_D": {"kind": "constexpr", "value": 16}}}]
+    w = st.Workload(name="t", kernel="kernels/vq.py:vq_argmin_kernel", dtype="bf16", n=8, k=1, d=1, programs=1,
+                    trips=1, chunked=True, chunks=1, work={"bf16": 1},
+                    tensors={"z_ptr": "bf16", "e_ptr": "bf16"}, constexprs={"DOT_FP32": False, "BLOCK_D": 64},
+                    ints={"N": 8, "S": 1})
+    spec = st.build_spec(w, recorded)
+    a = spec["args"]
+    assert a["z_ptr"]["dtype"] == "bf16" and a["DOT_FP32"]["value"] is False and a["BLOCK_D"]["value"] == 64
+    assert a["N"] == {"kind": "int", "one": False, "type": "i32", "value": 8} and a["S"]["one"]
+    assert spec["assumed_ints"] == ["extra"] and recorded[0]["args"]["BLOCK_D"]["value"] == 16  # a copy
+    with pytest.raises(KeyError, match="no constexpr argument COSINE"):
+        st.build_spec(st.Workload(**{**vars(w), "constexprs": {"COSINE": True}}), recorded)
+    with pytest.raises(KeyError, match="no recorded specialization"):
+        st.build_spec(st.Workload(**{**vars(w), "kernel": "kernels/vq.py:vq_fwd_kernel"}), recorded)
+
+
+def test_tile_kernel_compiled_for_sm90(compiler):
+    """A real tl.dot kernel: its loop over code tiles is found around the chunk loop, with the wgmma of a
+    64x64 tile (4 warps) per BLOCK_D chunk; a feature size without a multiple of 16 gets no hint."""
+    t = {"kind": "tensor", "dtype": "bf16"}
+    spec = _spec("tile_dot_kernel", {
+        "z_ptr": t, "e_ptr": t, "out_ptr": {"kind": "tensor", "dtype": "fp32"},
+        "K": {"kind": "int", "one": False, "type": "i32", "value": 1024},
+        "D": {"kind": "int", "one": False, "type": "i32", "value": 256},
+        "BLOCK_N": {"kind": "constexpr", "value": 64}, "BLOCK_K": {"kind": "constexpr", "value": 64},
+        "BLOCK_D": {"kind": "constexpr", "value": 64}}, {"num_warps": 4})
+    r = compiler(spec)
+    it, how = st.iteration(sp.parse_sass(r["sass"]), chunked=True, chunks=4)
+    c = it.counts()
+    assert how == "mma" and c["mma"] > 0
+    flops = sum(m.flops_per_warp for m in it.mmas) * 4  # 4 warps
+    assert flops == 2 * 64 * 64 * 64 * 4  # the 64 x 64 tile over 4 chunks of 64 features
+    assert c["instructions"] > c["mma"]
+
+
+# soft assignment's shape: two chunk loops in the tile loop (.L_x_1, .L_x_2), and a sweep loop around it that
+# ends in `@P EXIT; BRA head` (no unconditional EXIT)
+TWO_CHUNK_SASS = textwrap.dedent("""\
+    two:
+            /*0000*/                   S2R R0, SR_CTAID.X ;
+    .L_x_9:
+            /*0010*/                   MOV R1, RZ ;
+    .L_x_0:
+            /*0020*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R2.64] ;
+    .L_x_1:
+            /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+            /*0040*/               @P6 BRA `(.L_x_1) ;
+            /*0050*/                   FMUL R6, R24, R25 ;
+    .L_x_2:
+            /*0060*/                   HGMMA.64x64x8.F32.TF32 R40, R8, gdesc[UR8], R40 ;
+            /*0070*/                   IADD3 R5, R5, 0x1, RZ ;
+            /*0080*/               @P5 BRA `(.L_x_2) ;
+            /*0090*/                   MUFU.EX2 R8, R6 ;
+            /*00a0*/              @!P2 BRA `(.L_x_0) ;
+            /*00b0*/                   STG.E desc[UR4][R2.64], R6 ;
+            /*00c0*/               @P3 EXIT ;
+            /*00d0*/                   BRA `(.L_x_9) ;
+    .L_x_4:
+            /*00e0*/                   BRA `(.L_x_4) ;
+    """)
+
+
+def test_tile_loop_with_two_chunk_loops():
+    instrs = sp.parse_sass(TWO_CHUNK_SASS)
+    tile, chunk, _ = st.tile_loops(instrs, chunked=True)
+    assert (instrs[tile.head].addr, instrs[tile.latch].addr) == (0x20, 0xA0)
+    it, _ = st.iteration(instrs, chunked=True, chunks=3)
+    # LDGSTS, 2 x 3 of the first chunk loop, FMUL, 3 x 3 of the second, MUFU and the latch
+    assert len(it.opcodes) == 1 + 2 * 3 + 1 + 3 * 3 + 2 and it.chunk_body == 5
+    assert it.counts()["mma_opcodes"] == {"HGMMA.64x64x16.F32.BF16": 3, "HGMMA.64x64x8.F32.TF32": 3}
+    # the rest of the program ends at its last (conditional) EXIT
+    assert it.rest == ["S2R", "MOV", "STG.E", "EXIT"]
