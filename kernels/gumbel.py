@@ -25,7 +25,8 @@ above, y the soft sample (straight-through: hard's gradient to the logits is the
 dE = y^T gz by a kernel over (code tile, feature tile) that streams the position tiles in order (deterministic,
 no atomics), y recomputed (soft) or the one-hot of the saved argmax (hard). Bytes: forward the logits twice
 (once hard) and z_q, P (4 + 8) stats and indices; nothing of size P K beyond the logits and their gradient.
-FLOPs: 2 P K D forward (soft), 4 P K D for dl and 2 P K D for dE backward.
+FLOPs: 2 P K D forward (soft), 4 P K D for dl and 2 P K D for dE backward. Past 128 features the
+forward's programs split the features (pass 1 and the noise recomputed per split: twice at D = 256).
 """
 
 import triton
@@ -202,8 +203,8 @@ def gumbel_codebook_fwd_kernel(
     """z_q[p, d-tile] of a tile of positions: pass 1 as the sampler's (lse of v, argmax, KL stats); then soft:
     acc += y_tile @ E[k-tile, d-tile] over the code tiles (fp32 accumulation, y in registers only); hard: the
     row E[argmax] (the straight-through value y_hard . E). Program (i, j) covers features j BLOCK_D on: with
-    D <= BLOCK_D one program per position tile, else pass 1 (and soft's Philox) is repeated per feature tile.
-    The feature tile 0 writes the stats, indices and KL."""
+    D <= BLOCK_D (128) one program per position tile, else pass 1 (and soft's Philox) is repeated per
+    feature tile. The feature tile 0 writes the stats, indices and KL."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     pos = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)

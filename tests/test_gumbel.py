@@ -214,7 +214,7 @@ def test_codebook_product_matches_taming(dtype, hard, layout, backend, device):
 def test_codebook_product_is_the_sample_times_the_codebook(hard, backend, device, poisoned):
     """gumbel_softmax(codebook=E) draws gumbel_softmax's sample for the same seed and returns its product with
     E, forward and backward (the fused backward against the sampler's own and torch's einsum); D = 300 spans
-    two feature tiles of the forward and three of the codebook gradient; the indices are the sample's argmax."""
+    three feature tiles of the forward and of the codebook gradient; the indices are the sample's argmax."""
     from fastvae.functional.gumbel import gumbel_quantize
 
     x = torch.randn(37, 70, device=device, requires_grad=True)

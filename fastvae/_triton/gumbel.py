@@ -19,7 +19,9 @@ CB_BLOCK_P, CB_BLOCK_K = 32, 64
 
 def _block_d(d: int, cap: int) -> int:
     """The feature tile: tl.dot needs 16 at least; ``cap`` bounds the fp32 accumulator a program holds in
-    registers (the forward's [32, 256], the codebook gradient's [64, 128]); longer codes take more programs."""
+    registers (the forward's [32, 128], the codebook gradient's [64, 128]) and the fp32 code tile staged in
+    shared memory per pipeline stage ([64, 128]: 32 KiB); longer codes take more programs (the forward's pass 1
+    and Philox repeated per feature tile: twice at DALL-E's D = 256)."""
     return min(cap, max(16, triton.next_power_of_2(d)))
 
 
@@ -149,7 +151,7 @@ def _codebook_op(logits: Tensor, codebook: Tensor, seed: Tensor, tau: float, har
     stats = common.alloc(logits, ((3 if kl else 1) * p,), torch.float32)
     kl_out = common.alloc(logits, (p if kl else 0,), torch.float32)
     if p and k:
-        block_d = _block_d(d, 256)
+        block_d = _block_d(d, 128)
         gumbel_k.gumbel_codebook_fwd_kernel[(triton.cdiv(p, CB_BLOCK_P), max(1, triton.cdiv(d, block_d)))](
             logits, e, seed, zq, idx, stats, kl_out, p, s, k, d, 1.0 / tau, math.log(k),
             sb, ss, sk, e.stride(0), zq.stride(0), zq.stride(2), zq.stride(1),
