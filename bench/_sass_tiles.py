@@ -574,6 +574,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                         if r.get("assumed_ints") else ""))
         texts = r.get("line_text", {})
         top = list(it["lines"].items())[:TOP_LINES]
+        by_file: dict[str, int] = {}
+        for key, n in it["lines"].items():
+            name = key.rpartition(":")[0].rsplit("/", 1)[-1]
+            by_file[name] = by_file.get(name, 0) + n
+        # tiles.py is the shared operand loads and dot, the kernel's own file its epilogue, standard.py
+        # triton's reductions (tl.min, tl.argmin, tl.sum) called from it
+        lines.append("  - per tile iteration by file: " + ", ".join(
+            f"{name} {n}" for name, n in sorted(by_file.items(), key=lambda kv: -kv[1])))
         lines.append("  - per tile iteration by source line: " + "; ".join(
             f"{key} {n}" + (f" `{texts[key]}`" if texts.get(key) else "") for key, n in top))
     return "\n".join(lines) + "\n"
@@ -610,6 +618,9 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
                 why.append(f"D = {w['d']} is padded to BLOCK_D = {w['constexprs']['BLOCK_D']}")
             out.append(f"{tag}: the MMAs issue {p['mma_flops_over_useful']:.1f}x the useful FLOPs"
                        + (f" ({'; '.join(why)})" if why else ""))
+        if r.get("spill_bytes"):
+            out.append(f"{tag}: spills {r['spill_bytes']} bytes at {r['regs']} registers "
+                       f"(BLOCK_D = {w['constexprs'].get('BLOCK_D')}, {r['num_warps']} warps)")
         if it["mma"] and not any(s.startswith("HGMMA") for s in it["mma_shapes"]):
             out.append(f"{tag}: mma.sync (HMMA), not wgmma")
     return out

@@ -759,3 +759,38 @@ def test_tile_loop_with_two_chunk_loops():
     assert it.counts()["mma_opcodes"] == {"HGMMA.64x64x16.F32.BF16": 3, "HGMMA.64x64x8.F32.TF32": 3}
     # the rest of the program ends at its last (conditional) EXIT
     assert it.rest == ["S2R", "MOV", "STG.E", "EXIT"]
+
+
+def test_tiles_report_end_to_end(compiler, tmp_path, monkeypatch):
+    """--tiles on one workload of a throwaway tl.dot kernel: tiles.md and tiles.json written, the row's loop
+    read and its bound predicted; a workload naming an argument the kernel lacks is a failed row."""
+    import json
+
+    import sass_report
+
+    t = {"kind": "tensor", "dtype": "fp32"}
+    i32 = {"kind": "int", "one": False, "type": "i32"}
+    recorded = _spec("tile_dot_kernel", {
+        "z_ptr": t, "e_ptr": t, "out_ptr": t, "K": i32, "D": i32,
+        "BLOCK_N": {"kind": "constexpr", "value": 16}, "BLOCK_K": {"kind": "constexpr", "value": 16},
+        "BLOCK_D": {"kind": "constexpr", "value": 16}}, {"num_warps": 4})
+    recorded.update(launches=1, max_programs=1)
+    rec = tmp_path / "rec.json"
+    rec.write_text(json.dumps({"format": 1, "specializations": [recorded]}))
+    good = st.Workload(name="toy dot", kernel="sasskernels/mod.py:tile_dot_kernel", dtype="bf16", n=64 * 132,
+                       k=1024, d=256, programs=132, trips=16, chunked=True, chunks=4,
+                       work={"bf16": 64 * 132 * 1024 * 256},
+                       tensors={"z_ptr": "bf16", "e_ptr": "bf16"}, ints={"K": 1024, "D": 256},
+                       constexprs={"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 64})
+    bad = st.Workload(**{**vars(good), "name": "changed", "constexprs": {"COSINE": False}})
+    monkeypatch.setattr(st, "WORKLOADS", [good, bad])
+    out = tmp_path / "out"
+    rc = sass_report.main(["--tiles", "--specs", str(rec), "--out", str(out), "--root", str(tmp_path), "--jobs", "1",
+                           "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0  # no --check
+    rows = json.loads((out / "tiles.json").read_text())["results"]
+    assert rows[0]["ok"] and rows[0]["iteration"]["mma"] > 0 and rows[0]["predicted"]["bound"]
+    assert rows[0]["predicted"]["mma_flops_over_useful"] == pytest.approx(1.0)
+    assert not rows[1]["ok"] and "COSINE" in rows[1]["error"]
+    md = (out / "tiles.md").read_text()
+    assert "| toy dot | `tile_dot_kernel` | bf16 |" in md and "FAILED" in md
