@@ -5,9 +5,11 @@ log-sum-exp), so no N x K distance exists anywhere, not even per program beyond 
     score_nk = bias_k - 2 z_n . e_k       euclidean: bias_k = ||e_k||^2 (||z_n||^2 is the same for every k)
     score_nk = -z_n . e_k / ||e_k||        cosine: bias 0, each code scaled by its inverse norm (||z_n|| > 0
                                            scales a row and does not move its argmin)
-    index_n  = argmin_k score_nk, the lowest k on ties (strict < across tiles, ``tl.argmin`` within one)
+    index_n  = argmin_k score_nk, the lowest k on ties (an elementwise running minimum over the code tiles,
+               strict <, then one row argmin per token after the loop, lowest k on ties)
 
-A NaN score wins, as ``torch.argmin`` lets a NaN win (it is mapped to -inf, below every real score).
+NaN as ``torch.argmin`` treats it: a code holding a NaN is every token's index (the first such code); a token
+holding one gets index 0 (every score of its row is NaN).
 
 Precision: 16-bit tokens and codes go to the tensor cores as they are; their products are exact in fp32 and
 the dot accumulates in fp32, so the search is a fp32 search of the same values up to the order of summation
@@ -51,36 +53,53 @@ VALUE = tl.constexpr(2)
 
 
 @triton.jit
+def _argmin_combine(v1, k1, v2, k2):
+    """The smaller score, and on equal scores the lower code: torch.argmin's first minimum."""
+    first = (v1 < v2) | ((v1 == v2) & (k1 < k2))
+    return tl.where(first, v1, v2), tl.where(first, k1, k2)
+
+
+@triton.jit
 def _argmin_tiles(
-    z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, head, K, D, stride_d, stride_ek,
+    z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, nan_ptr, head, K, D, stride_d, stride_ek,
     COSINE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """(best score, its index) of each token of the tile over all K codes: the online argmin."""
-    best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int64)
+    """(best score, its index) of each token of the tile over all K codes: the online argmin.
+
+    Each position of the [BLOCK_N, BLOCK_K] tile keeps its own running minimum over the code tiles and the
+    tile it came from (strict <: the earliest tile on ties), 3 instructions an element besides the score's
+    FMA; the row's argmin is taken once, after the loop, lowest code first on ties. A per-tile row argmin
+    costs several times that in compares, selects and shuffles: the issue rate, not the tensor cores, would
+    bound the search. Codes past K score +inf (their bias is loaded as inf and their dot is 0).
+    """
+    best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    best_k0 = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         acc = token_code_dot(z_ptr, z_base, row_ok, e_base, ks, k_ok, D, stride_d, stride_ek,
                              DOT_FP32, False, BLOCK_N, BLOCK_K, BLOCK_D)
-        if COSINE:
-            score = -acc * tl.load(scale_ptr + head * K + ks, mask=k_ok, other=0.0)[None, :]
+        if COSINE:  # -z . e / |e|: the bias is 0 for a code, inf past K
+            score = acc * tl.load(scale_ptr + head * K + ks, mask=k_ok, other=0.0)[None, :] + tl.where(
+                k_ok, 0.0, float("inf"))[None, :]
         else:
-            score = tl.load(bias_ptr + head * K + ks, mask=k_ok, other=0.0)[None, :] - 2.0 * acc
-        score = tl.where(score != score, float("-inf"), score)
-        score = tl.where(k_ok[None, :], score, float("inf"))
-        tile_min = tl.min(score, axis=1)
-        tile_arg = tl.argmin(score, axis=1, tie_break_left=True)
-        better = tile_min < best
-        best = tl.where(better, tile_min, best)
-        best_idx = tl.where(better, tile_arg.to(tl.int64) + k0, best_idx)
-    return best, best_idx
+            score = tl.load(bias_ptr + head * K + ks, mask=k_ok, other=float("inf"))[None, :] - 2.0 * acc
+        better = score < best
+        best = tl.where(better, score, best)
+        best_k0 = tl.where(better, k0, best_k0)
+    best_k = best_k0 + tl.arange(0, BLOCK_K)[None, :]
+    value, index = tl.reduce((best, best_k), 1, _argmin_combine)
+    # a NaN score never compares below: torch.argmin returns the first NaN, which for a code holding a NaN is
+    # that code for every token (a token holding one scores NaN everywhere: index 0, as above)
+    nan_code = tl.load(nan_ptr + head)
+    index = tl.where(nan_code < K, nan_code, index)
+    return value, index.to(tl.int64)
 
 
 @triton.jit
 def vq_argmin_kernel(
-    z_ptr, e_ptr, bias_ptr, scale_ptr, idx_ptr,
+    z_ptr, e_ptr, bias_ptr, scale_ptr, nan_ptr, idx_ptr,
     N, S, K, D,
     stride_b, stride_s, stride_d, stride_eh, stride_ek,
     COSINE: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -89,7 +108,7 @@ def vq_argmin_kernel(
     head = tl.program_id(1)
     rows, row_ok, z_base = token_rows(tl.program_id(0), N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
     _, best_idx = _argmin_tiles(z_ptr, z_base, row_ok, e_ptr + head.to(tl.int64) * stride_eh, bias_ptr, scale_ptr,
-                                head, K, D, stride_d, stride_ek, COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+                                nan_ptr, head, K, D, stride_d, stride_ek, COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
     tl.store(idx_ptr + rows * tl.num_programs(1) + head, best_idx, mask=row_ok)
 
 
@@ -143,7 +162,7 @@ def _rotation(vv, qq, vq):
 
 @triton.jit
 def vq_fwd_kernel(
-    z_ptr, e_ptr, bias_ptr, scale_ptr, eden_ptr, idx_ptr, q_ptr, sq_ptr,
+    z_ptr, e_ptr, bias_ptr, scale_ptr, nan_ptr, eden_ptr, idx_ptr, q_ptr, sq_ptr,
     N, S, K, D,
     stride_b, stride_s, stride_d, qstride_b, qstride_s, qstride_d, stride_eh, stride_ek,
     COSINE: tl.constexpr, ESTIMATOR: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -155,7 +174,7 @@ def vq_fwd_kernel(
     head = tl.program_id(1)
     rows, row_ok, z_base = token_rows(pid, N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
     e_base = e_ptr + head.to(tl.int64) * stride_eh
-    _, idx = _argmin_tiles(z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, head, K, D, stride_d, stride_ek,
+    _, idx = _argmin_tiles(z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, nan_ptr, head, K, D, stride_d, stride_ek,
                            COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
     tl.store(idx_ptr + rows * tl.num_programs(1) + head, idx, mask=row_ok)
 

@@ -33,16 +33,19 @@ def _dot_fp32(z: Tensor, e: Tensor) -> bool:
         z.dtype == torch.bfloat16 and interpreting())
 
 
-def _code_terms(e: Tensor, cosine: bool) -> "tuple[Tensor, Tensor, Tensor]":
-    """Per-code terms, H * K floats each: the squared norms (the euclidean score's bias), the inverse norms
-    (the cosine score's scale) and F.normalize's denominators max(||e||, 1e-12) in e's dtype rounded as
-    torch's (what the cosine losses divide by)."""
+def _code_terms(e: Tensor, cosine: bool) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+    """Per-code terms, H * K floats each: the squared norms (the euclidean score's bias), the negated inverse
+    norms (the cosine score's factor), F.normalize's denominators max(||e||, 1e-12) in e's dtype rounded as
+    torch's (what the cosine losses divide by); and per head the first code holding a NaN (K if none)."""
     ef = e.float()
     bias = ef.square().sum(-1)
+    k = e.shape[1]
+    codes = torch.arange(k, device=e.device, dtype=torch.int32)
+    nan_code = torch.where(bias.isnan(), codes, k).amin(-1) if k else codes.new_zeros(e.shape[0])
     if not cosine:
-        return bias, bias, bias
+        return bias, bias, bias, nan_code
     eden = torch.linalg.vector_norm(e, dim=-1).clamp_min(1e-12).float()
-    return bias, torch.linalg.vector_norm(ef, dim=-1).clamp_min(1e-12).reciprocal(), eden
+    return bias, -torch.linalg.vector_norm(ef, dim=-1).clamp_min(1e-12).reciprocal(), eden, nan_code
 
 
 @common.custom_op("fastvae::vq_search")
@@ -57,9 +60,9 @@ def _vq_search_op(z: Tensor, codebook: Tensor, cosine: bool) -> Tensor:
     if n == 0:
         return idx
     e = codebook.contiguous()  # a parameter already is: no copy
-    bias, scale, _ = _code_terms(e, cosine)
+    bias, scale, _, nan_code = _code_terms(e, cosine)
     vq_k.vq_argmin_kernel[(triton.cdiv(n, BLOCK_N), heads)](
-        z, e, bias, scale, idx,
+        z, e, bias, scale, nan_code, idx,
         n, s, k, dh,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0), e.stride(1),
         COSINE=cosine, DOT_FP32=_dot_fp32(z, e),
@@ -98,9 +101,9 @@ def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, estimator: int) -
     parts = common.alloc(z, (grid[0] * heads,), torch.float32)
     if n:
         e = codebook.contiguous()
-        bias, scale, eden = _code_terms(e, cosine)
+        bias, scale, eden, nan_code = _code_terms(e, cosine)
         vq_k.vq_fwd_kernel[grid](
-            z, e, bias, scale, eden, idx, q, parts,
+            z, e, bias, scale, nan_code, eden, idx, q, parts,
             n, s, k, dh,
             z.stride(0), z.stride(1), z.stride(2), q.stride(0), q.stride(1), q.stride(2), e.stride(0), e.stride(1),
             COSINE=cosine, ESTIMATOR=estimator, DOT_FP32=_dot_fp32(z, e),
@@ -128,7 +131,7 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
     if n == 0:
         return gz, torch.zeros_like(codebook)
     e = codebook.contiguous()
-    _, _, eden = _code_terms(e, cosine)
+    eden = _code_terms(e, cosine)[2]
     codes = (idx + torch.arange(heads, device=idx.device) * k).reshape(-1)  # flat code ids h K + index
     rows = pos = counts = idx  # unused placeholders unless the codebook wants its gradient
     if code_grad:
