@@ -31,13 +31,18 @@ def fsq_constants(levels: list[int]) -> tuple[list[float], list[float], list[flo
 
 def fsq(z: Tensor, levels: list[int]) -> tuple[Tensor, Tensor]:
     """(q in z's dtype with the straight-through gradient, indices int64); z (..., d), features last."""
-    half_l, offset, shift, half_width, basis = (torch.tensor(c, dtype=torch.float64 if z.dtype == torch.float64
-                                                             else torch.float32, device=z.device)
-                                                for c in fsq_constants(levels))
+    constants = fsq_constants(levels)
+    half_l, offset, shift, half_width = (torch.tensor(c, dtype=torch.float64 if z.dtype == torch.float64
+                                                      else torch.float32, device=z.device)
+                                         for c in constants[:4])
     zf = z.to(half_l.dtype)
     bounded = torch.tanh(zf + shift) * half_l - offset
     rounded = bounded + (torch.round(bounded) - bounded).detach()
     q = rounded / half_width
-    codes = torch.round(bounded).detach() + half_width
-    indices = (codes.to(torch.int64) * basis.to(torch.int64)).sum(-1)
+    codes = torch.round(bounded.detach()) + half_width
+    # int64 (exact past 2^24 codes, where a float sum is not), one channel at a time: an (N, d) int64 product
+    # would double the peak of the whole quantizer
+    indices = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=z.device)
+    for i, b in enumerate(constants[4]):
+        indices.add_(codes[..., i].to(torch.int64), alpha=b)
     return q.to(z.dtype), indices
