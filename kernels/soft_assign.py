@@ -144,8 +144,10 @@ def soft_assign_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            s, _ = _logits(z_ptr, z_base, row_ok, zn2, e_ptr, en2_ptr, ks, k_ok, D, stride_d, stride_ek, t,
-                           METRIC, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+            # named, not "_": a name bound before a loop and again inside it is a loop-carried value, whose
+            # type must not change (the interpreter does not check this; the compiler does)
+            s, unused_dist = _logits(z_ptr, z_base, row_ok, zn2, e_ptr, en2_ptr, ks, k_ok, D, stride_d,
+                                     stride_ek, t, METRIC, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
             shift = tl.where(den > 0.0, m - m_new, 0.0)  # -inf - m_new would make 0 * inf
@@ -181,7 +183,7 @@ def soft_assign_pbar_kernel(
         rows, row_ok, z_base = token_rows(tl.cast(n0 // BLOCK_N, tl.int32), N, S, head, D,
                                           stride_b, stride_s, stride_d, BLOCK_N)
         zn2 = _token_sq_norms(zn2_ptr, rows, row_ok, METRIC)
-        s, _ = _logits(z_ptr, z_base, row_ok, zn2, e_ptr, en2_ptr, ks, k_ok, D, stride_d, stride_ek, t,
+        s, unused_dist = _logits(z_ptr, z_base, row_ok, zn2, e_ptr, en2_ptr, ks, k_ok, D, stride_d, stride_ek, t,
                        METRIC, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         p = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
@@ -213,7 +215,7 @@ def soft_assign_bwd_dz_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            s, _ = _logits(z_ptr, z_base, row_ok, zn2, e_ptr, en2_ptr, ks, k_ok, D, stride_d, stride_ek, t,
+            s, unused_dist = _logits(z_ptr, z_base, row_ok, zn2, e_ptr, en2_ptr, ks, k_ok, D, stride_d, stride_ek, t,
                            METRIC, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
             gp = tl.load(gpbar_ptr + ks, mask=k_ok, other=0.0)
             p = tl.where(k_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
@@ -247,7 +249,7 @@ def soft_assign_bwd_dz_kernel(
                                        DOT_FP32_G, False, BLOCK_N, BLOCK_K, BLOCK_D)
             else:
                 gpe_e = s
-            _, w = _ds_tile(s, dist, lse, ent, g_lse, g_h, c, gp, gpe_e, row_ok[:, None] & k_ok[None, :], t,
+            unused_p, w = _ds_tile(s, dist, lse, ent, g_lse, g_h, c, gp, gpe_e, row_ok[:, None] & k_ok[None, :], t,
                             METRIC, HAS_GPBAR, HAS_GPE)
             wsum += tl.sum(w, axis=1)
             ev = tl.load(e_ptr + ks[:, None].to(tl.int64) * stride_ek + vs[None, :],
@@ -282,7 +284,7 @@ def soft_assign_bwd_de_kernel(
         for n0 in range(0, N, BLOCK_N):
             tile = tl.cast(n0 // BLOCK_N, tl.int32)
             rows, row_ok, z_base = token_rows(tile, N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
-            _, _, g_base = token_rows(tile, N, S, head, D, g_sb, g_ss, g_sd, BLOCK_N)
+            g_rows, g_ok, g_base = token_rows(tile, N, S, head, D, g_sb, g_ss, g_sd, BLOCK_N)
             zn2 = _token_sq_norms(zn2_ptr, rows, row_ok, METRIC)
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
             ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)

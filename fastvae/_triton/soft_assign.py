@@ -5,7 +5,7 @@ recomputes p from lse. Under ``create_graph=True`` the backward is the eager for
 autograd (``common.differentiable_backward``), so second-order terms are torch's.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -17,15 +17,29 @@ from ..reference import soft_assign as sa_ref
 from . import common
 
 METRIC_IDS = {"dot": sa_k.DOT, "sqeuclidean": sa_k.SQEUCLIDEAN, "euclidean": sa_k.EUCLIDEAN}
-BLOCK_N, BLOCK_K = 64, 64
-MAX_BLOCK_D = 64  # the logits' feature chunk (two operand tiles and the accumulator stay in registers)
-MAX_BLOCK_V = 128  # the D-wide outputs' chunk: D up to this is one sweep over the codes
 
 
-def _blocks(d: int) -> "tuple[int, int]":
-    """(BLOCK_D, BLOCK_V): tl.dot's sides are at least 16."""
-    p = max(16, triton.next_power_of_2(max(d, 1)))
-    return min(MAX_BLOCK_D, p), min(MAX_BLOCK_V, p)
+class Tiles(NamedTuple):
+    """A kernel's launch shape: BLOCK_N tokens by BLOCK_K codes a tile, on ``num_warps`` warps."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+# Tiles that compile for sm_90 with no register spill in any specialization the tests launch, checked with the
+# GPU image's triton 3.6 (bench/sass_report.py --check-only); fp32's tf32x3 dots, which split each operand in
+# three, are the tightest (at 64 x 64 every kernel spilled, the backward ones by kilobytes). Software
+# pipelining is off (num_stages=1): its multi-buffered loads took the registers the tiles need. The feature
+# chunks are fixed: narrower ones for small D saved padded work, but ptxas spilled predicate registers in
+# some of their specializations. Chosen for a clean compile, not tuned for speed (no GPU timing yet).
+FWD_TILES = Tiles(64, 32, 4)
+PBAR_TILES = Tiles(64, 64, 4)
+DZ_TILES = Tiles(32, 32, 4)  # the backward tiles carry s, p, w and g_pE . e at once
+DE_TILES = Tiles(16, 32, 2)  # on 4 warps ptxas capped some specializations at 128 registers and spilled
+NUM_STAGES = 1
+BLOCK_D = 32  # the logits' feature chunk
+BLOCK_V = 64  # the D-wide outputs' chunk: D up to this is one sweep over the codes, a wider D one a chunk
 
 
 def _dot_fp32(a: Tensor, b: Tensor) -> bool:
@@ -75,21 +89,23 @@ def _soft_assign_op(z: Tensor, codebook: Tensor, t: float, metric: int) -> "tupl
         return pe, lse, ent, pbar.fill_(float("nan"))
     e = codebook.contiguous()  # a parameter already is: no copy
     zn2, en2 = _sq_norms(z, e, metric)
-    block_d, block_v = _blocks(d)
+    block_d, block_v = BLOCK_D, BLOCK_V
     dot_fp32 = _dot_fp32(z, e)
-    sa_k.soft_assign_fwd_kernel[(triton.cdiv(n, BLOCK_N), 1)](
+    sa_k.soft_assign_fwd_kernel[(triton.cdiv(n, FWD_TILES.block_n), 1)](
         z, e, zn2, en2, pe, lse, ent,
         n, s, k, d, t,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0), pe.stride(0), pe.stride(1), pe.stride(2),
         METRIC=metric, DOT_FP32=dot_fp32,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=4 if block_v <= 64 else 8,
+        BLOCK_N=FWD_TILES.block_n, BLOCK_K=FWD_TILES.block_k, BLOCK_D=block_d, BLOCK_V=block_v,
+        num_warps=FWD_TILES.num_warps, num_stages=NUM_STAGES,
     )
-    sa_k.soft_assign_pbar_kernel[(triton.cdiv(k, BLOCK_K), 1)](
+    sa_k.soft_assign_pbar_kernel[(triton.cdiv(k, PBAR_TILES.block_k), 1)](
         z, e, zn2, en2, lse, pbar,
         n, s, k, d, t, 1.0 / n,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0),
         METRIC=metric, DOT_FP32=dot_fp32,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, num_warps=4,
+        BLOCK_N=PBAR_TILES.block_n, BLOCK_K=PBAR_TILES.block_k, BLOCK_D=block_d,
+        num_warps=PBAR_TILES.num_warps, num_stages=NUM_STAGES,
     )
     return pe, lse, ent, pbar
 
@@ -106,13 +122,15 @@ def _(z, codebook, t, metric):
 def _soft_assign_bwd_op(
     z: Tensor, codebook: Tensor, pe: Tensor, lse: Tensor, ent: Tensor, g_lse: Optional[Tensor],
     g_h: Optional[Tensor], g_pbar: Optional[Tensor], g_pe: Optional[Tensor], t: float, metric: int,
+    need_de: bool,
 ) -> "tuple[Tensor, Tensor]":
-    """(dz in z's shape, dtype and memory order, dcodebook (K, D) in its dtype)."""
+    """(dz in z's shape, dtype and memory order, dcodebook (K, D) in its dtype, or (0, D) without ``need_de``:
+    a frozen codebook, e.g. one updated by EMA, skips the code-tile pass)."""
     b, s, d = z.shape
     k = codebook.shape[0]
     n = b * s
     dz = _like_tokens(z, z.dtype, common.alloc)
-    de = common.alloc(codebook, (k, d), codebook.dtype)
+    de = common.alloc(codebook, (k if need_de else 0, d), codebook.dtype)
     if n == 0:
         return dz, de.zero_()
     e = codebook.contiguous()
@@ -125,28 +143,31 @@ def _soft_assign_bwd_op(
     has_gpe = g_pe is not None
     g = g_pe if has_gpe else pe
     c = common.alloc(z, (n,), torch.float32)
-    block_d, block_v = _blocks(d)
+    block_d, block_v = BLOCK_D, BLOCK_V
     dot_fp32, dot_fp32_g = _dot_fp32(z, e), _dot_fp32(g, e)
     consts = dict(METRIC=metric, DOT_FP32=dot_fp32, DOT_FP32_G=dot_fp32_g, HAS_GPBAR=has_gpbar, HAS_GPE=has_gpe,
-                  BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, BLOCK_V=block_v,
-                  num_warps=4 if block_v <= 64 else 8)
-    sa_k.soft_assign_bwd_dz_kernel[(triton.cdiv(n, BLOCK_N), 1)](
+                  BLOCK_D=block_d, BLOCK_V=block_v, num_stages=NUM_STAGES)
+    sa_k.soft_assign_bwd_dz_kernel[(triton.cdiv(n, DZ_TILES.block_n), 1)](
         z, e, zn2, en2, lse, ent, pe, g_lse, g_h, g_pbar, g, c, dz,
         n, s, k, d, t, 1.0 / n,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0), pe.stride(0), pe.stride(1), pe.stride(2),
-        g.stride(0), g.stride(1), g.stride(2), dz.stride(0), dz.stride(1), dz.stride(2), **consts,
+        g.stride(0), g.stride(1), g.stride(2), dz.stride(0), dz.stride(1), dz.stride(2),
+        BLOCK_N=DZ_TILES.block_n, BLOCK_K=DZ_TILES.block_k, num_warps=DZ_TILES.num_warps, **consts,
     )
-    sa_k.soft_assign_bwd_de_kernel[(triton.cdiv(k, BLOCK_K), 1)](
+    if not need_de:
+        return dz, de
+    sa_k.soft_assign_bwd_de_kernel[(triton.cdiv(k, DE_TILES.block_k), 1)](
         z, e, zn2, en2, lse, ent, g_lse, g_h, g_pbar, g, c, de,
         n, s, k, d, t, 1.0 / n,
-        z.stride(0), z.stride(1), z.stride(2), e.stride(0), g.stride(0), g.stride(1), g.stride(2), **consts,
+        z.stride(0), z.stride(1), z.stride(2), e.stride(0), g.stride(0), g.stride(1), g.stride(2),
+        BLOCK_N=DE_TILES.block_n, BLOCK_K=DE_TILES.block_k, num_warps=DE_TILES.num_warps, **consts,
     )
     return dz, de
 
 
 @_soft_assign_bwd_op.register_fake
-def _(z, codebook, pe, lse, ent, g_lse, g_h, g_pbar, g_pe, t, metric):
-    return _fake_tokens(z, z.dtype), codebook.new_empty(codebook.shape)
+def _(z, codebook, pe, lse, ent, g_lse, g_h, g_pbar, g_pe, t, metric, need_de):
+    return _fake_tokens(z, z.dtype), codebook.new_empty((codebook.shape[0] if need_de else 0, codebook.shape[1]))
 
 
 def _setup(ctx, inputs, output):
@@ -175,7 +196,8 @@ def _backward(ctx, g_pe, g_lse, g_h, g_pbar):
         return grads[0], grads[1], None, None
     if not any(needs):
         return None, None, None, None
-    dz, de = _soft_assign_bwd_op(z, codebook, pe, lse, ent, g_lse, g_h, g_pbar, g_pe, ctx.t, ctx.metric)
+    dz, de = _soft_assign_bwd_op(z, codebook, pe, lse, ent, g_lse, g_h, g_pbar, g_pe, ctx.t, ctx.metric,
+                                 needs[1])
     return (dz if needs[0] else None), (de if needs[1] else None), None, None
 
 
