@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 METRICS = ("dot", "euclidean", "sqeuclidean")
-CHUNK_ELEMENTS = 1 << 22  # logits a chunk: 16 MiB in fp32, whatever K is (IBQ's K = 16384: 256 tokens)
+CHUNK_ELEMENTS = 1 << 20  # logits a chunk: 4 MiB in fp32 whatever K is (IBQ's K = 16384: 64 tokens)
 
 
 def logits(z: Tensor, codebook: Tensor, t: float, metric: str) -> Tensor:
