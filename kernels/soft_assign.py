@@ -26,21 +26,23 @@ Backward (p recomputed from lse, flash attention's scheme), for upstream g_lse, 
 g_pbar is given), writes c_n, then streams them again for dz; ``soft_assign_bwd_de_kernel`` (code tiles)
 streams every token tile for de. Every sum runs in a fixed order: no atomics, bitwise deterministic.
 
-Feature chunks: the logits accumulate over D in chunks of BLOCK_D (``token_code_dot``); the D-wide outputs
-(pE, dz, de) are accumulated in chunks of BLOCK_V columns, one sweep over the codes (tokens) a chunk, so
-D <= BLOCK_V (the usual code width) is one sweep and a wider D recomputes the logits once per chunk.
+Feature chunks: the logits accumulate over D in chunks of BLOCK_D (``token_code_dot``; a D below it is padded
+to it); the D-wide outputs (pE, dz, de) are accumulated in chunks of BLOCK_V columns, one sweep over the codes
+(tokens) a chunk, so D <= BLOCK_V is one sweep and a wider D recomputes the logits once per chunk.
 
 Precision: fp32 accumulation always. The logits' z.e takes one 16-bit dtype on both sides to the tensor
-cores as it is (exact products), anything else as tf32x3 (fp32 accuracy; not ``IEEE``: the logit's fp32
-rounding, ~6e-8 t |z||e|, already exceeds tf32x3's error, so plain FMAs would buy nothing at a several-fold
-cost). The second-stage products (P E, W E, W^T Z, P^T g_pE) have an fp32 operand (p, w) and run as tf32x3.
+cores as it is (exact products), anything else as tf32x3, not ``IEEE``: tf32x3 drops only the lo x lo
+product, an error of ~2^-21 |z||e|, so at t = 100 a logit moves by ~5e-5 nats (plain tf32 would move it by
+about a tenth of a nat), while ``IEEE`` would run the dots as FMAs, several times slower. The second-stage
+products (P E, W E, W^T Z, P^T g_pE) have an fp32 operand (p, w) and run as tf32x3 too.
 
-Work per step (F = 2 N K D FLOPs): forward 2 F (logits, P E) + F (pbar's logits); backward, token pass 2 F
-(logits, W E) + F with g_pE (g_pE . e) + F with g_pbar (c_n's sweep), code pass 2 F (logits, W^T Z) + 2 F
-with g_pE (g_pE . e, P^T g_pE): 6 to 8 F with every output used; N K exponentials per sweep. Bytes: z and g_pE once per
-token tile stream, the codebook (K D) once per token tile from L2, and O(N + K) statistics: the tensor-core
-rate bounds it once K D is past a few hundred; for small D (< 32) the exponentials (MUFU) do, as in flash
-attention with a small head dim.
+Work per step (F = 2 N K D FLOPs, D <= BLOCK_V): forward 2 F (logits, P E) + F (pbar's logits); backward,
+token pass 2 F (logits, W E) + F with g_pE (g_pE . e) + F with g_pbar (c_n's sweep), code pass 2 F (logits,
+W^T Z) + 2 F with g_pE (g_pE . e, P^T g_pE): 6 to 8 F with every output used, and N K exponentials per
+sweep. Each further BLOCK_V chunk re-runs its kernel's logits (and g_pE . e): D = 256 in chunks of 64 costs
+the forward 5 F in place of 2 F. Bytes: z (and g_pE) once, the codebook (K D) once per token tile from L2,
+O(N + K) statistics: no DRAM bound; the tensor cores bound it once D is past a few tens, the exponentials
+(MUFU, one per logit per sweep) below that, as flash attention with a small head dim.
 """
 
 import triton

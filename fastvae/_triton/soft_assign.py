@@ -89,14 +89,13 @@ def _soft_assign_op(z: Tensor, codebook: Tensor, t: float, metric: int) -> "tupl
         return pe, lse, ent, pbar.fill_(float("nan"))
     e = codebook.contiguous()  # a parameter already is: no copy
     zn2, en2 = _sq_norms(z, e, metric)
-    block_d, block_v = BLOCK_D, BLOCK_V
     dot_fp32 = _dot_fp32(z, e)
     sa_k.soft_assign_fwd_kernel[(triton.cdiv(n, FWD_TILES.block_n), 1)](
         z, e, zn2, en2, pe, lse, ent,
         n, s, k, d, t,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0), pe.stride(0), pe.stride(1), pe.stride(2),
         METRIC=metric, DOT_FP32=dot_fp32,
-        BLOCK_N=FWD_TILES.block_n, BLOCK_K=FWD_TILES.block_k, BLOCK_D=block_d, BLOCK_V=block_v,
+        BLOCK_N=FWD_TILES.block_n, BLOCK_K=FWD_TILES.block_k, BLOCK_D=BLOCK_D, BLOCK_V=BLOCK_V,
         num_warps=FWD_TILES.num_warps, num_stages=NUM_STAGES,
     )
     sa_k.soft_assign_pbar_kernel[(triton.cdiv(k, PBAR_TILES.block_k), 1)](
@@ -104,7 +103,7 @@ def _soft_assign_op(z: Tensor, codebook: Tensor, t: float, metric: int) -> "tupl
         n, s, k, d, t, 1.0 / n,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0),
         METRIC=metric, DOT_FP32=dot_fp32,
-        BLOCK_N=PBAR_TILES.block_n, BLOCK_K=PBAR_TILES.block_k, BLOCK_D=block_d,
+        BLOCK_N=PBAR_TILES.block_n, BLOCK_K=PBAR_TILES.block_k, BLOCK_D=BLOCK_D,
         num_warps=PBAR_TILES.num_warps, num_stages=NUM_STAGES,
     )
     return pe, lse, ent, pbar
@@ -143,10 +142,9 @@ def _soft_assign_bwd_op(
     has_gpe = g_pe is not None
     g = g_pe if has_gpe else pe
     c = common.alloc(z, (n,), torch.float32)
-    block_d, block_v = BLOCK_D, BLOCK_V
     dot_fp32, dot_fp32_g = _dot_fp32(z, e), _dot_fp32(g, e)
     consts = dict(METRIC=metric, DOT_FP32=dot_fp32, DOT_FP32_G=dot_fp32_g, HAS_GPBAR=has_gpbar, HAS_GPE=has_gpe,
-                  BLOCK_D=block_d, BLOCK_V=block_v, num_stages=NUM_STAGES)
+                  BLOCK_D=BLOCK_D, BLOCK_V=BLOCK_V, num_stages=NUM_STAGES)
     sa_k.soft_assign_bwd_dz_kernel[(triton.cdiv(n, DZ_TILES.block_n), 1)](
         z, e, zn2, en2, lse, ent, pe, g_lse, g_h, g_pbar, g, c, dz,
         n, s, k, d, t, 1.0 / n,
