@@ -268,11 +268,18 @@ def _half(dtype: str) -> bool:
 VQ_BLOCK_N, VQ_BLOCK_K = 64, 64
 
 
+def _vq_block_d(dtype: str, d: int) -> int:
+    """``fastvae/_triton/vq.py``'s ``_block_d``."""
+    if _half(dtype) and d <= 256:
+        return max(16, _next_pow2(d))
+    return min(32 if not _half(dtype) else 64, max(16, _next_pow2(d)))
+
+
 def vq(kernel: str, dtype: str, n: int, k: int, d: int) -> Workload:
     """``fastvae/_triton/vq.py``: the search (``vq_argmin_kernel``) or the fused forward (``vq_fwd_kernel``,
     straight-through, euclidean) on channels-last tokens (a (N, 1, D) view: S = 1, unit feature stride), one
     head, one program per BLOCK_N tokens looping over K in BLOCK_K codes, D in BLOCK_D chunks."""
-    block_d = min(64, max(16, _next_pow2(d)))
+    block_d = _vq_block_d(dtype, d)
     ints = {"N": n, "S": 1, "K": k, "D": d, "stride_b": d, "stride_s": d, "stride_d": 1, "stride_eh": k * d,
             "stride_ek": d}
     if kernel == "vq_fwd_kernel":
@@ -280,11 +287,13 @@ def vq(kernel: str, dtype: str, n: int, k: int, d: int) -> Workload:
     return Workload(
         name={"vq_argmin_kernel": "vq search", "vq_fwd_kernel": "vq fused forward"}[kernel],
         kernel=f"kernels/vq.py:{kernel}", dtype=dtype, n=n, k=k, d=d,
-        programs=_cdiv(n, VQ_BLOCK_N), trips=_cdiv(k, VQ_BLOCK_K), chunked=True, chunks=_cdiv(d, block_d),
+        programs=_cdiv(n, VQ_BLOCK_N), trips=_cdiv(k, VQ_BLOCK_K), chunked=d > block_d, chunks=_cdiv(d, block_d),
         work={dtype if _half(dtype) else "tf32x3": n * k * d},
         tensors={"z_ptr": dtype, "e_ptr": dtype, **({"q_ptr": dtype} if kernel == "vq_fwd_kernel" else {})},
         constexprs={"DOT_FP32": not _half(dtype), "COSINE": False, "BLOCK_N": VQ_BLOCK_N, "BLOCK_K": VQ_BLOCK_K,
-                    "BLOCK_D": block_d, **({"ESTIMATOR": 0} if kernel == "vq_fwd_kernel" else {})},
+                    "BLOCK_D": block_d, "ONE_CHUNK": d <= block_d,
+                    **({"ESTIMATOR": 0, "EPI_D": min(64, max(16, _next_pow2(d)))} if kernel == "vq_fwd_kernel"
+                       else {})},
         ints=ints, options={"num_warps": 4},
         note="" if _half(dtype) else "fp32 inputs: tf32x3 (three tf32 MMAs per product)",
     )

@@ -42,7 +42,7 @@ d * stride_d (+ head * D * stride_d): channels-last (..., D) and channels-first 
 import triton
 import triton.language as tl
 
-from .tiles import token_code_dot, token_rows
+from .tiles import code_chunk, dot_acc, token_base, token_chunk, token_code_dot, token_rows, token_split
 
 NORM_EPS = tl.constexpr(1e-6)  # the rotation trick's safe_div floor (vector-quantize-pytorch's)
 NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's
@@ -62,10 +62,11 @@ def _argmin_combine(v1, k1, v2, k2):
 @triton.jit
 def _argmin_tiles(
     z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, nan_ptr, head, K, D, stride_d, stride_ek,
-    COSINE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    COSINE: tl.constexpr, DOT_FP32: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """(best score, its index) of each token of the tile over all K codes: the online argmin.
+    """(best score, its index) of each token of the tile over all K codes: the online argmin. ONE_CHUNK (D <=
+    BLOCK_D): the token tile is loaded once, before the loop, which then reads only codes.
 
     Each position of the [BLOCK_N, BLOCK_K] tile keeps its own running minimum over the code tiles and the
     tile it came from (strict <: the earliest tile on ties), 3 instructions an element besides the score's
@@ -75,11 +76,17 @@ def _argmin_tiles(
     """
     best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
     best_k0 = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+    if ONE_CHUNK:
+        zt = token_chunk(z_ptr, z_base, row_ok, 0, D, stride_d, BLOCK_D)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        acc = token_code_dot(z_ptr, z_base, row_ok, e_base, ks, k_ok, D, stride_d, stride_ek,
-                             DOT_FP32, False, BLOCK_N, BLOCK_K, BLOCK_D)
+        if ONE_CHUNK:
+            acc = dot_acc(zt, code_chunk(e_base, ks, k_ok, 0, D, stride_ek, BLOCK_D),
+                          tl.zeros([BLOCK_N, BLOCK_K], tl.float32), DOT_FP32, False)
+        else:
+            acc = token_code_dot(z_ptr, z_base, row_ok, e_base, ks, k_ok, D, stride_d, stride_ek,
+                                 DOT_FP32, False, BLOCK_N, BLOCK_K, BLOCK_D)
         if COSINE:  # -z . e / |e|: the bias is 0 for a code, inf past K
             score = acc * tl.load(scale_ptr + head * K + ks, mask=k_ok, other=0.0)[None, :] + tl.where(
                 k_ok, 0.0, float("inf"))[None, :]
@@ -102,13 +109,14 @@ def vq_argmin_kernel(
     z_ptr, e_ptr, bias_ptr, scale_ptr, nan_ptr, idx_ptr,
     N, S, K, D,
     stride_b, stride_s, stride_d, stride_eh, stride_ek,
-    COSINE: tl.constexpr, DOT_FP32: tl.constexpr,
+    COSINE: tl.constexpr, DOT_FP32: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     head = tl.program_id(1)
     rows, row_ok, z_base = token_rows(tl.program_id(0), N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
     _, best_idx = _argmin_tiles(z_ptr, z_base, row_ok, e_ptr + head.to(tl.int64) * stride_eh, bias_ptr, scale_ptr,
-                                nan_ptr, head, K, D, stride_d, stride_ek, COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+                                nan_ptr, head, K, D, stride_d, stride_ek, COSINE, DOT_FP32, ONE_CHUNK, BLOCK_N,
+                                BLOCK_K, BLOCK_D)
     tl.store(idx_ptr + rows * tl.num_programs(1) + head, best_idx, mask=row_ok)
 
 
@@ -165,25 +173,29 @@ def vq_fwd_kernel(
     z_ptr, e_ptr, bias_ptr, scale_ptr, nan_ptr, eden_ptr, idx_ptr, q_ptr, sq_ptr,
     N, S, K, D,
     stride_b, stride_s, stride_d, qstride_b, qstride_s, qstride_d, stride_eh, stride_ek,
-    COSINE: tl.constexpr, ESTIMATOR: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    COSINE: tl.constexpr, ESTIMATOR: tl.constexpr, DOT_FP32: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EPI_D: tl.constexpr,
 ):
     """Search, then z_q (the estimator's value) written and the squared error summed: one program per tile
-    of BLOCK_N tokens of one head."""
+    of BLOCK_N tokens of one head; the epilogue's passes over the features take chunks of EPI_D (the
+    search's BLOCK_D may span all of D, too wide for the epilogue's fp32 tiles in registers)."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    rows, row_ok, z_base = token_rows(pid, N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    bi, si = token_split(rows, S)
+    z_base = token_base(bi, si, head, D, stride_b, stride_s, stride_d)
     e_base = e_ptr + head.to(tl.int64) * stride_eh
     _, idx = _argmin_tiles(z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, nan_ptr, head, K, D, stride_d, stride_ek,
-                           COSINE, DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_D)
+                           COSINE, DOT_FP32, ONE_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)
     tl.store(idx_ptr + rows * tl.num_programs(1) + head, idx, mask=row_ok)
 
     e_rows = e_base + idx * stride_ek
-    q_base = (rows // S) * qstride_b + (rows % S) * qstride_s + head.to(tl.int64) * D * qstride_d
+    q_base = token_base(bi, si, head, D, qstride_b, qstride_s, qstride_d)
     zden = tl.full([BLOCK_N], 1.0, tl.float32)
     eden = tl.full([BLOCK_N], 1.0, tl.float32)
     if COSINE:
-        zden, _ = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, BLOCK_D)
+        zden, _ = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, EPI_D)
         eden = tl.load(eden_ptr + head * K + idx, mask=row_ok, other=1.0)
     alpha = tl.zeros([BLOCK_N], tl.float32)
     beta = tl.zeros([BLOCK_N], tl.float32)
@@ -191,16 +203,16 @@ def vq_fwd_kernel(
         vv = tl.zeros([BLOCK_N], tl.float32)
         qq = tl.zeros([BLOCK_N], tl.float32)
         vq = tl.zeros([BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+        for d0 in range(0, D, EPI_D):
+            zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D)
             vv += tl.sum(zf * zf, axis=1)
             qq += tl.sum(ef * ef, axis=1)
             vq += tl.sum(zf * ef, axis=1)
         alpha, beta, _, _, _, _ = _rotation(vv, qq, vq)
     out_ty = q_ptr.dtype.element_ty
     sq = tl.zeros([BLOCK_N], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+    for d0 in range(0, D, EPI_D):
+        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D)
         diff = zf - ef
         sq += tl.sum(diff * diff, axis=1)
         if ESTIMATOR == ROTATION:
@@ -227,9 +239,12 @@ def vq_bwd_kernel(
     pid = tl.program_id(0)
     head = tl.program_id(1)
     heads = tl.num_programs(1)
-    rows, row_ok, z_base = token_rows(pid, N, S, head, D, stride_b, stride_s, stride_d, BLOCK_N)
-    g_base = (rows // S) * gstride_b + (rows % S) * gstride_s + head.to(tl.int64) * D * gstride_d
-    gz_base = (rows // S) * zgstride_b + (rows % S) * zgstride_s + head.to(tl.int64) * D * zgstride_d
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    bi, si = token_split(rows, S)
+    z_base = token_base(bi, si, head, D, stride_b, stride_s, stride_d)
+    g_base = token_base(bi, si, head, D, gstride_b, gstride_s, gstride_d)
+    gz_base = token_base(bi, si, head, D, zgstride_b, zgstride_s, zgstride_d)
     idx = tl.load(idx_ptr + rows * heads + head, mask=row_ok, other=0)
     e_rows = e_ptr + head.to(tl.int64) * stride_eh + idx * stride_ek
     g_c = tl.load(gsq_ptr)

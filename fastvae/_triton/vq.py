@@ -21,9 +21,20 @@ ESTIMATORS = {"straight_through": 0, "rotation": 1, "value": 2}
 
 
 def _block_d(d: int) -> int:
-    """The feature chunk of one ``tl.dot``: tl.dot needs at least 16, and 64 keeps the two operand tiles and
-    the [BLOCK_N, BLOCK_K] accumulator in registers; longer codes loop over chunks."""
+    """The feature chunk of the backward's elementwise passes over a token tile."""
     return min(64, max(16, triton.next_power_of_2(d)))
+
+
+def _search_block_d(d: int, dot_fp32: bool) -> int:
+    """The feature chunk of the search's ``tl.dot`` (at least 16, tl.dot's smallest side). 16-bit codes up to
+    256 features take one chunk: the token tile is loaded once for the whole loop over code tiles, which then
+    streams only codes (the machine-code report predicts the search at D = 256 bound by the tensor cores,
+    where chunks of 64 re-read the token tile for every code tile and bound it by the issue rate). fp32 runs
+    as tf32x3, whose split operands take twice the registers: chunks of 32 keep it clear of spills beside
+    the running minimum's two [64, 64] tiles."""
+    if not dot_fp32 and d <= 256:
+        return max(16, triton.next_power_of_2(d))
+    return min(64 if not dot_fp32 else 32, max(16, triton.next_power_of_2(d)))
 
 
 def _dot_fp32(z: Tensor, e: Tensor) -> bool:
@@ -61,12 +72,14 @@ def _vq_search_op(z: Tensor, codebook: Tensor, cosine: bool) -> Tensor:
         return idx
     e = codebook.contiguous()  # a parameter already is: no copy
     bias, scale, _, nan_code = _code_terms(e, cosine)
+    dot_fp32 = _dot_fp32(z, e)
+    block_d = _search_block_d(dh, dot_fp32)
     vq_k.vq_argmin_kernel[(triton.cdiv(n, BLOCK_N), heads)](
         z, e, bias, scale, nan_code, idx,
         n, s, k, dh,
         z.stride(0), z.stride(1), z.stride(2), e.stride(0), e.stride(1),
-        COSINE=cosine, DOT_FP32=_dot_fp32(z, e),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(dh), num_warps=4,
+        COSINE=cosine, DOT_FP32=dot_fp32, ONE_CHUNK=dh <= block_d,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, num_warps=4,
     )
     return idx
 
@@ -102,12 +115,14 @@ def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, estimator: int) -
     if n:
         e = codebook.contiguous()
         bias, scale, eden, nan_code = _code_terms(e, cosine)
+        dot_fp32 = _dot_fp32(z, e)
+        block_d = _search_block_d(dh, dot_fp32)
         vq_k.vq_fwd_kernel[grid](
             z, e, bias, scale, nan_code, eden, idx, q, parts,
             n, s, k, dh,
             z.stride(0), z.stride(1), z.stride(2), q.stride(0), q.stride(1), q.stride(2), e.stride(0), e.stride(1),
-            COSINE=cosine, ESTIMATOR=estimator, DOT_FP32=_dot_fp32(z, e),
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(dh), num_warps=4,
+            COSINE=cosine, ESTIMATOR=estimator, DOT_FP32=dot_fp32, ONE_CHUNK=dh <= block_d,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, EPI_D=_block_d(dh), num_warps=4,
         )
     sq = common.finish_sum(parts, 1.0, torch.float32) if n else parts.new_zeros(())
     return q, idx, sq, sq.clone()
