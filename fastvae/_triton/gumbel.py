@@ -155,7 +155,7 @@ def _codebook_op(logits: Tensor, codebook: Tensor, seed: Tensor, tau: float, har
         gumbel_k.gumbel_codebook_fwd_kernel[(triton.cdiv(p, CB_BLOCK_P), max(1, triton.cdiv(d, block_d)))](
             logits, e, seed, zq, idx, stats, kl_out, p, s, k, d, 1.0 / tau, math.log(k),
             sb, ss, sk, e.stride(0), zq.stride(0), zq.stride(2), zq.stride(1),
-            HARD=hard, KL=kl, BLOCK_P=CB_BLOCK_P, BLOCK_K=CB_BLOCK_K, BLOCK_D=block_d, num_warps=4,
+            HARD=hard, KL=kl, BLOCK_P=CB_BLOCK_P, BLOCK_K=CB_BLOCK_K, BLOCK_D=block_d, num_warps=8,
         )
     elif p:  # no codes: the empty sum
         zq.zero_()
@@ -191,7 +191,7 @@ def _codebook_bwd_op(logits: Tensor, codebook: Tensor, seed: Tensor, stats: Tens
             logits, e, seed, stats, gz, gkl, dl, p, s, k, d, 1.0 / tau,
             sb, ss, sk, e.stride(0), *gs, ds[0], ds[2], ds[1],
             GRAD_Z=grad_zq is not None and d > 0, KL=grad_kl is not None,
-            BLOCK_P=CB_BLOCK_P, BLOCK_K=CB_BLOCK_K, BLOCK_D=_block_d(d, 64), num_warps=4,
+            BLOCK_P=CB_BLOCK_P, BLOCK_K=CB_BLOCK_K, BLOCK_D=_block_d(d, 64), num_warps=8,
         )
     if need_codes and k and d:
         if p and grad_zq is not None:
