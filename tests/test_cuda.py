@@ -298,6 +298,10 @@ OPS: dict[str, OpCall] = {
         "vq", lambda i: fv.finite_scalar_quantize(i.randn(2, 3, 4, 4), [8, 5, 5], dim=1, histogram=True)),
     "gumbel_softmax": OpCall("vq", lambda i: fv.gumbel_softmax(i.randn(2, 8, 3, 3), hard=True, dim=1), random=True),
     "gumbel_softmax_kl": OpCall("vq", lambda i: fv.gumbel_softmax_kl(i.randn(2, 8, 3, 3), dim=1), random=True),
+    "gumbel_softmax[codebook]": OpCall(
+        "vq", lambda i: fv.gumbel_softmax(i.randn(2, 8, 3, 3), dim=1, codebook=i.randn(8, 4)), random=True),
+    "soft_assign": OpCall("vq", lambda i: fv.soft_assign(i.randn(2, 4, 3, 3), i.randn(16, 4), dim=1,
+                                                         metric="euclidean")),
     "kmeans": OpCall("vq", lambda i: fv.kmeans(i.randn(64, 4, grad=False), 8, iters=3), random=True),
     "codebook_usage": OpCall("vq", lambda i: fv.codebook_usage(i.ints(16, 64), 16)),
     "codebook_ema_update": OpCall(

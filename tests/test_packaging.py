@@ -119,6 +119,8 @@ calls = {
     "lookup_free_quantize": lambda: fastvae.lookup_free_quantize(t(6, 5)),
     "finite_scalar_quantize": lambda: fastvae.finite_scalar_quantize(t(6, 3), [8, 5, 5]),
     "gumbel_softmax_kl": lambda: fastvae.gumbel_softmax_kl(t(4, 7)),
+    "gumbel_softmax(codebook=)": lambda: fastvae.gumbel_softmax(t(2, 7, 3, 3), dim=1, codebook=t(7, 4)),
+    "soft_assign": lambda: fastvae.soft_assign(t(2, 4, 3, 3), t(16, 4), dim=1, metric="euclidean"),
     "nn.ELBOLoss": lambda: fastvae.nn.ELBOLoss()(torch.rand(4, 3), torch.rand(4, 3), t(4, 2), t(4, 2)),
     "DiagonalGaussianDistribution": lambda: fastvae.distributions.DiagonalGaussianDistribution(t(2, 4, 3, 3)).kl(),
     "Normal.rsample": lambda: fastvae.distributions.Normal(t(4, 3), u(4, 3)).rsample(),
