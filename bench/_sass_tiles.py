@@ -308,19 +308,24 @@ def lfq(kernel: str, n: int, d: int) -> Workload:
     The dot is fp32 ieee: FFMAs, no tensor cores."""
     k = 1 << d
     fwd = kernel == "lfq_entropy_fwd_kernel"
+    block_n, block_k = LFQ_BLOCK_N, LFQ_BLOCK_K
     return Workload(
         name="lfq entropy forward" if fwd else "lfq entropy backward",
         kernel=f"kernels/lfq.py:{kernel}", dtype="fp32", n=n, k=k, d=d,
-        programs=_cdiv(k, LFQ_BLOCK_K) if fwd else _cdiv(n, LFQ_BLOCK_N),
-        trips=_cdiv(n, LFQ_BLOCK_N) if fwd else _cdiv(k, LFQ_BLOCK_K), chunked=False, chunks=1,
+        programs=_cdiv(k, block_k) if fwd else _cdiv(n, block_n),
+        trips=_cdiv(n, block_n) if fwd else _cdiv(k, block_k), chunked=False, chunks=1,
         work={"ieee": n * k * d * (1 if fwd else 2)},
-        constexprs={"BLOCK_N": LFQ_BLOCK_N, "BLOCK_K": LFQ_BLOCK_K, "BLOCK_D": max(16, _next_pow2(d))},
+        constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": max(16, _next_pow2(d))},
         ints={"N": n, "D": d, "K": k}, options={"num_warps": 8},
         note="ieee fp32 dot: FFMA on the CUDA cores",
     )
 
 
-SA_BLOCK_N, SA_BLOCK_K = 64, 64
+# fastvae/_triton/soft_assign.py's FWD_TILES, PBAR_TILES, DZ_TILES, DE_TILES (block_n, block_k, num_warps),
+# BLOCK_D, BLOCK_V and NUM_STAGES
+SA_TILES = {"soft_assign_fwd_kernel": (64, 32, 4), "soft_assign_pbar_kernel": (64, 64, 4),
+            "soft_assign_bwd_dz_kernel": (32, 32, 4), "soft_assign_bwd_de_kernel": (16, 32, 2)}
+SA_BLOCK_D, SA_BLOCK_V, SA_NUM_STAGES = 32, 64, 1
 SA_TOKEN_TILES = ("soft_assign_fwd_kernel", "soft_assign_bwd_dz_kernel")  # one program per token tile
 
 
@@ -330,8 +335,8 @@ def soft_assign(kernel: str, dtype: str, n: int, k: int, d: int, metric: int = 0
     kernels (forward, dz) loop over K per sweep of BLOCK_V output columns, the code-tile ones (pbar, de) over
     N; the logits (and backward's g_pE . e) accumulate over D in BLOCK_D chunks inside the tile loop, the
     second-stage dots (P E, W E, W^T Z, P^T g_pE) are tf32x3 whatever the inputs."""
-    p = max(16, _next_pow2(d))
-    block_d, block_v = min(64, p), min(128, p)
+    block_n, block_k, warps = SA_TILES[kernel]
+    block_d, block_v = SA_BLOCK_D, SA_BLOCK_V
     pbar = kernel == "soft_assign_pbar_kernel"
     sweeps = 1 if pbar else _cdiv(d, block_v)  # the logits are recomputed once per sweep
     token = kernel in SA_TOKEN_TILES
@@ -352,8 +357,8 @@ def soft_assign(kernel: str, dtype: str, n: int, k: int, d: int, metric: int = 0
     tensors.update({"soft_assign_fwd_kernel": {"pe_ptr": dtype},
                     "soft_assign_bwd_dz_kernel": {"gpe_ptr": dtype, "pe_ptr": dtype, "dz_ptr": dtype},
                     "soft_assign_bwd_de_kernel": {"gpe_ptr": dtype}}.get(kernel, {}))
-    constexprs: dict[str, Any] = {"METRIC": metric, "DOT_FP32": not _half(dtype), "BLOCK_N": SA_BLOCK_N,
-                                  "BLOCK_K": SA_BLOCK_K, "BLOCK_D": block_d}
+    constexprs: dict[str, Any] = {"METRIC": metric, "DOT_FP32": not _half(dtype), "BLOCK_N": block_n,
+                                  "BLOCK_K": block_k, "BLOCK_D": block_d}
     if not pbar:
         constexprs["BLOCK_V"] = block_v
     if kernel in ("soft_assign_bwd_dz_kernel", "soft_assign_bwd_de_kernel"):
@@ -364,11 +369,11 @@ def soft_assign(kernel: str, dtype: str, n: int, k: int, d: int, metric: int = 0
               "soft_assign_bwd_de_kernel": "soft assign backward de"}[kernel]
         + ("" if metric == 0 else f" ({('dot', 'sqeuclidean', 'euclidean')[metric]})"),
         kernel=f"kernels/soft_assign.py:{kernel}", dtype=dtype, n=n, k=k, d=d,
-        programs=_cdiv(n, SA_BLOCK_N) if token else _cdiv(k, SA_BLOCK_K),
-        trips=sweeps * (_cdiv(k, SA_BLOCK_K) if token else _cdiv(n, SA_BLOCK_N)),
+        programs=_cdiv(n, block_n) if token else _cdiv(k, block_k),
+        trips=sweeps * (_cdiv(k, block_k) if token else _cdiv(n, block_n)),
         chunked=True, chunks=_cdiv(d, block_d), work=work, tensors=tensors, constexprs=constexprs,
         ints={"N": n, "S": 1, "K": k, "D": d, **strides},
-        options={"num_warps": 4 if pbar or block_v <= 64 else 8},
+        options={"num_warps": warps, "num_stages": SA_NUM_STAGES},
         note=(f"{sweeps} sweeps of BLOCK_V = {block_v} columns, the logits recomputed in each; " if sweeps > 1
               else "") + "second-stage dots tf32x3",
     )
