@@ -11,8 +11,8 @@ import triton
 from torch import Tensor
 
 from .._checks import interpreting
-from ..reference import vq as vq_ref
 from ..kernels import vq as vq_k
+from ..reference import vq as vq_ref
 from . import common
 
 BLOCK_N, BLOCK_K = 64, 64
@@ -101,10 +101,12 @@ def _layout_like(z: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @common.custom_op("fastvae::vq_quantize")
-def _vq_quantize_op(z: Tensor, codebook: Tensor, cosine: bool, estimator: int) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
-    """``estimator``: one of ``ESTIMATORS``' values. (z_q in z's layout and torch's promoted dtype, indices (B S, H), the squared error summed twice: the
-    commitment's and the codebook's, the same value with separate gradients); z (B, S, H Dh) a view read in
-    place, codebook (H, K, Dh)."""
+def _vq_quantize_op(
+    z: Tensor, codebook: Tensor, cosine: bool, estimator: int
+) -> "tuple[Tensor, Tensor, Tensor, Tensor]":
+    """``estimator``: one of ``ESTIMATORS``' values. (z_q in z's layout and torch's promoted dtype, indices
+    (B S, H), the squared error summed twice: the commitment's and the codebook's, the same value with
+    separate gradients); z (B, S, H Dh) a view read in place, codebook (H, K, Dh)."""
     b, s, _ = z.shape
     heads, k, dh = codebook.shape
     n = b * s
