@@ -30,7 +30,8 @@ Backward (``vq_bwd_kernel``) recomputes the gathered codes from the indices and 
     dz = J_est^T g + 2 g_c (z - z_q)                  (then F.normalize's Jacobian for cosine)
     row_n = 2 g_b (z_q - z)                           (stored in code order: per-code sums, no atomics)
 
-with J_est the identity (straight-through), s (I - 2 w w^T + 2 q u^T) (rotation trick, u q w s detached), or
+with J_est the identity (straight-through), s (I - 2 w w^T + 2 q u^T) (rotation trick, u q w s detached; w's
+norm and dots summed from the elements of u + q, so they stay bounded where u ~ -q), or
 0 (ESTIMATOR == VALUE: z_q itself is written, a value without a gradient to z, as residual VQ's stages use it).
 Each pass over D re-reads the tile's z and codes from L1/L2: the epilogue moves 2 N D elements in (z, the
 gathered codes) and N D out, against the search's 2 N K D FLOPs.
@@ -132,8 +133,9 @@ def _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE: t
     zf = z.to(tl.float32)
     ef = e.to(tl.float32)
     if COSINE:
-        zf = (zf / zden[:, None]).to(z.dtype).to(tl.float32)
-        ef = (ef / eden[:, None]).to(e.dtype).to(tl.float32)
+        # IEEE division as torch's (Triton's fp32 / is div.full: 2 ulp on the GPU)
+        zf = tl.div_rn(zf, zden[:, None]).to(z.dtype).to(tl.float32)
+        ef = tl.div_rn(ef, eden[:, None]).to(e.dtype).to(tl.float32)
     return zf, ef, ds, m
 
 
@@ -147,25 +149,42 @@ def _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: 
         z = tl.load(z_ptr + z_base[:, None] + ds[None, :].to(tl.int64) * stride_d,
                     mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
         zz += tl.sum(z.to(tl.float32) * z.to(tl.float32), axis=1)
-    nz = tl.sqrt(zz).to(z_ptr.dtype.element_ty).to(tl.float32)
+    nz = tl.sqrt_rn(zz).to(z_ptr.dtype.element_ty).to(tl.float32)
     return tl.maximum(nz, NORMALIZE_EPS), nz
 
 
 @triton.jit
-def _rotation(vv, qq, vq):
-    """The rotation trick as out = alpha z + beta z_q per token, from ||z||^2, ||z_q||^2 and z . z_q
-    (reference ``rotation_trick``: u = z / max(|z|, 1e-6), q likewise, w = (u + q) / max(|u + q|, 1e-12),
-    out = s (z - 2 (z.w) w + 2 (z.u) q), s = |z_q| / max(|z|, 1e-6)); also what the backward needs."""
-    cz = tl.maximum(tl.sqrt(vv), NORM_EPS)
-    cq = tl.maximum(tl.sqrt(qq), NORM_EPS)
-    upq = tl.maximum(vv / (cz * cz) + 2.0 * vq / (cz * cq) + qq / (cq * cq), 0.0)
-    cw = tl.maximum(tl.sqrt(upq), NORMALIZE_EPS)
-    a = (vv / cz + vq / cq) / cw  # z . w
-    b = vv / cz  # z . u
-    s = tl.sqrt(qq) / cz
-    alpha = s * (1.0 - 2.0 * a / (cw * cz))
-    beta = s * (2.0 * b - 2.0 * a / cw) / cq
-    return alpha, beta, cz, cq, cw, s
+def _rotation_norms(vv, qq):
+    """The rotation trick's (reference ``rotation_trick``) per-token norms from ||z||^2 and ||z_q||^2:
+    cz = max(|z|, 1e-6), cq = max(|z_q|, 1e-6) (u = z / cz, q = z_q / cq) and the scale s = |z_q| / cz."""
+    cz = tl.maximum(tl.sqrt_rn(vv), NORM_EPS)
+    return cz, tl.maximum(tl.sqrt_rn(qq), NORM_EPS), tl.sqrt_rn(qq) / cz
+
+
+@triton.jit
+def _u_plus_q(zf, ef, cz, cq):
+    """u + q elementwise: w = (u + q) / max(|u + q|, 1e-12). Its norm and every dot with it are summed from
+    these same elements, never expanded as |u|^2 + 2 u.q + |q|^2: where u ~ -q that expansion cancels to 0
+    while the elements keep their rounding, and z . w came out unbounded (|z| 1e5 and more)."""
+    return zf / cz[:, None] + ef / cq[:, None]
+
+
+@triton.jit
+def _rotation_dots(z_ptr, z_base, e_rows, row_ok, g_ptr, g_base, gstride_d, D, stride_d, zden, eden, cz, cq,
+                   COSINE: tl.constexpr, GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(|u + q|, z . (u + q), g . (u + q)) per token, from the elements (``_u_plus_q``); g with GRAD only."""
+    ww = tl.zeros([BLOCK_N], tl.float32)
+    zw = tl.zeros([BLOCK_N], tl.float32)
+    gw = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+        upq = _u_plus_q(zf, ef, cz, cq)
+        ww += tl.sum(upq * upq, axis=1)
+        zw += tl.sum(zf * upq, axis=1)
+        if GRAD:
+            g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
+            gw += tl.sum(g.to(tl.float32) * upq, axis=1)
+    return tl.maximum(tl.sqrt_rn(ww), NORMALIZE_EPS), zw, gw
 
 
 @triton.jit
@@ -197,18 +216,24 @@ def vq_fwd_kernel(
     if COSINE:
         zden, _ = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, EPI_D)
         eden = tl.load(eden_ptr + head * K + idx, mask=row_ok, other=1.0)
-    alpha = tl.zeros([BLOCK_N], tl.float32)
-    beta = tl.zeros([BLOCK_N], tl.float32)
+    # rotation: out = s (z - 2 (z . w) w + 2 (z . u) q), from |z|, |z_q| and then the dots with u + q
+    cz = tl.full([BLOCK_N], 1.0, tl.float32)
+    cq = cz
+    rs = cz
+    a_w = tl.zeros([BLOCK_N], tl.float32)  # 2 (z . w) / |u + q|: the factor of u + q
+    b_q = tl.zeros([BLOCK_N], tl.float32)  # 2 (z . u) / cq: the factor of z_q
     if ESTIMATOR == ROTATION:
         vv = tl.zeros([BLOCK_N], tl.float32)
         qq = tl.zeros([BLOCK_N], tl.float32)
-        vq = tl.zeros([BLOCK_N], tl.float32)
         for d0 in range(0, D, EPI_D):
             zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D)
             vv += tl.sum(zf * zf, axis=1)
             qq += tl.sum(ef * ef, axis=1)
-            vq += tl.sum(zf * ef, axis=1)
-        alpha, beta, _, _, _, _ = _rotation(vv, qq, vq)
+        cz, cq, rs = _rotation_norms(vv, qq)
+        cw, zw, _ = _rotation_dots(z_ptr, z_base, e_rows, row_ok, z_ptr, z_base, stride_d, D, stride_d, zden, eden,
+                                   cz, cq, COSINE, False, BLOCK_N, EPI_D)
+        a_w = 2.0 * zw / (cw * cw)
+        b_q = 2.0 * (vv / cz) / cq
     out_ty = q_ptr.dtype.element_ty
     sq = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, EPI_D):
@@ -216,7 +241,7 @@ def vq_fwd_kernel(
         diff = zf - ef
         sq += tl.sum(diff * diff, axis=1)
         if ESTIMATOR == ROTATION:
-            out = alpha[:, None] * zf + beta[:, None] * ef
+            out = rs[:, None] * (zf - a_w[:, None] * _u_plus_q(zf, ef, cz, cq) + b_q[:, None] * ef)
         elif ESTIMATOR == VALUE:
             out = ef
         else:  # z + (z_q - z), each op rounded to the output dtype as torch's eager ops round it
@@ -271,18 +296,23 @@ def vq_bwd_kernel(
             vq += tl.sum(zf * ef, axis=1)
             gv += tl.sum(g * zf, axis=1)
             gq += tl.sum(g * ef, axis=1)
-    # J_est^T g = s g + ca z + cb z_q  (straight-through: s = 1, ca = cb = 0; a value: s = 0)
+    # J_est^T g = s (g - 2 (g . w) w + 2 (g . q) u) = s g - cw_ (u + q) + cu z  (straight-through: s = 1,
+    # cw_ = cu = 0; a value: s = 0), u + q taken elementwise (``_u_plus_q``)
     s = tl.full([BLOCK_N], 1.0 if ESTIMATOR != VALUE else 0.0, tl.float32)
-    ca = tl.zeros([BLOCK_N], tl.float32)
-    cb = tl.zeros([BLOCK_N], tl.float32)
+    cz = tl.full([BLOCK_N], 1.0, tl.float32)
+    cq = cz
+    c_w = tl.zeros([BLOCK_N], tl.float32)
+    c_u = tl.zeros([BLOCK_N], tl.float32)
+    proj = s * gv
     if ESTIMATOR == ROTATION:
-        _, _, cz, cq, cw, s = _rotation(vv, qq, vq)
-        g_w = (gv / cz + gq / cq) / cw  # g . w
-        g_q = gq / cq  # g . q
-        ca = s * (2.0 * g_q - 2.0 * g_w / cw) / cz
-        cb = -2.0 * s * g_w / (cw * cq)
+        cz, cq, s = _rotation_norms(vv, qq)
+        cw, zw, gw = _rotation_dots(z_ptr, z_base, e_rows, row_ok, g_ptr, g_base, gstride_d, D, stride_d, zden, eden,
+                                    cz, cq, COSINE, True, BLOCK_N, BLOCK_D)
+        c_w = 2.0 * s * gw / (cw * cw)  # 2 s (g . w) / |u + q|
+        c_u = 2.0 * s * (gq / cq) / cz  # 2 s (g . q) / cz
+        proj = s * gv - c_w * zw + c_u * vv
     # y . dL/dy of F.normalize's output y (~ the rounded unit token): its Jacobian's projection
-    proj = s * gv + ca * vv + cb * vq + 2.0 * g_c * (vv - vq)
+    proj += 2.0 * g_c * (vv - vq)
     gz_ty = gz_ptr.dtype.element_ty
     at = rows  # each token's row in code order
     if CODE_GRAD:
@@ -290,7 +320,9 @@ def vq_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
         g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
-        gy = s[:, None] * g.to(tl.float32) + ca[:, None] * zf + cb[:, None] * ef + 2.0 * g_c * (zf - ef)
+        gy = s[:, None] * g.to(tl.float32) + 2.0 * g_c * (zf - ef)
+        if ESTIMATOR == ROTATION:
+            gy += c_u[:, None] * zf - c_w[:, None] * _u_plus_q(zf, ef, cz, cq)
         if COSINE:  # F.normalize: (g - y (y . g)) / |z| above the floor, g / floor at or below it
             gy = tl.where((nz >= NORMALIZE_EPS)[:, None], gy - zf * proj[:, None], gy) / zden[:, None]
         tl.store(gz_ptr + gz_base[:, None] + ds[None, :].to(tl.int64) * zgstride_d, gy.to(gz_ty), mask=m)

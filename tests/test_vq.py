@@ -468,3 +468,40 @@ def test_no_host_reads(metric, backend, device, no_host_reads):
         rvq = fastvae.residual_vector_quantize(z, torch.stack([e, e / 2]), dim=1, backend=backend)
         torch.autograd.grad(rvq.loss + rvq.quantized.sum(), [z, e])
         fastvae.codebook_ema_update(z, out.indices, torch.ones(40, device=device), e.detach().clone(), dim=1)
+
+
+@pytest.mark.skipif(BACKEND != "triton", reason="the custom op's registrations")
+@pytest.mark.parametrize("layout", ["channels_first", "strided"])
+def test_custom_op_registrations(layout, device):
+    """Schema, fake implementation (the real op's output strides: z's layout when z is dense, contiguous when
+    it is a strided slice) and autograd registration of the fused op, every estimator mode."""
+    from fastvae._triton import vq as vq_triton
+
+    x = torch.randn(4, 6, 3, 5, device=device)
+    x = x[::2] if layout == "strided" else x
+    z3 = _token_view(x.movedim(1, -1), 6).requires_grad_()
+    e = torch.randn(1, 9, 6, device=device, requires_grad=True)
+    for cosine, estimator in ((False, 0), (True, 1), (False, 2)):
+        torch.library.opcheck(vq_triton._vq_quantize_op, (z3, e, cosine, estimator),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_rotation_stays_bounded_where_the_token_opposes_its_code(metric, backend, device):
+    """A token within a hair of -z_q: u + q is rounding noise, and |z . w| <= |z| must hold of the w built from
+    it (the expanded |u + q|^2 cancels to 0 there and made the output and gradient ~1e12). The output's norm
+    is at most 5 |z_q| and the gradient's 5 |z_q| / |z| |g| (s (I - 2 w w^T + 2 q u^T) with unit u, q, w)."""
+    e = torch.tensor([[0.3, -0.7, 0.2, 0.5]], device=device)
+    z = torch.stack([-3 * e[0] + torch.tensor([1e-4, 0, 0, 0], device=device),
+                     -1.7 * e[0] + torch.tensor([0, 3e-4, 0, 0], device=device)]).requires_grad_()
+    out = fastvae.vector_quantize(z, e, metric=metric, estimator="rotation", commitment_weight=0.0,
+                                  codebook_weight=0.0, backend=backend)
+    g = torch.randn_like(out.quantized)
+    (gz,) = torch.autograd.grad((out.quantized * g).sum(), z)
+    zq = F.normalize(e, dim=-1) if metric == "cosine" else e
+    assert torch.isfinite(out.quantized).all() and torch.isfinite(gz).all()
+    assert (out.quantized.norm(dim=-1) <= 5 * zq.norm() * (1 + 1e-5)).all()
+    scale = zq.norm() / (F.normalize(z, dim=-1) if metric == "cosine" else z).norm(dim=-1)
+    # cosine: F.normalize's Jacobian (1 / |z|) follows the rotation's
+    jac = 1 / z.norm(dim=-1) if metric == "cosine" else 1.0
+    assert (gz.norm(dim=-1) <= 5 * scale * jac * g.norm(dim=-1) * (1 + 1e-4)).all()

@@ -132,7 +132,7 @@ def _vq_quantize_op(
 
 @_vq_quantize_op.register_fake
 def _(z, codebook, cosine, estimator):
-    q = torch.empty_like(z, dtype=torch.promote_types(z.dtype, codebook.dtype))
+    q = _layout_like(z, torch.promote_types(z.dtype, codebook.dtype))  # the real op's strides
     idx = z.new_empty((z.shape[0] * z.shape[1], codebook.shape[0]), dtype=torch.int64)
     return q, idx, z.new_empty((), dtype=torch.float32), z.new_empty((), dtype=torch.float32)
 
@@ -146,7 +146,7 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
     n = b * s
     gz = _layout_like(z, z.dtype)
     if n == 0:
-        return gz, torch.zeros_like(codebook)
+        return gz, codebook.new_zeros(codebook.shape)
     e = codebook.contiguous()
     eden = _code_terms(e, cosine)[2]
     codes = (idx + torch.arange(heads, device=idx.device) * k).reshape(-1)  # flat code ids h K + index
@@ -165,7 +165,7 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
         BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dh), num_warps=4,
     )
     if not code_grad:
-        return gz, torch.zeros_like(codebook)
+        return gz, codebook.new_zeros(codebook.shape)
     # each code's rows are one run of ``rows``: summed in sequence, bitwise the same every run
     grad_hat = torch.segment_reduce(rows, "sum", lengths=counts, axis=0, unsafe=True, initial=0).view(heads, k, dh)
     if cosine:  # F.normalize of each code: (g - e^ (e^ . g)) / max(|e|, eps), the projection dropped at the floor
@@ -179,7 +179,7 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
 
 @_vq_bwd_op.register_fake
 def _(z, codebook, idx, grad_q, grad_sq, cosine, estimator, code_grad):
-    return torch.empty_like(z), torch.empty_like(codebook)
+    return _layout_like(z, z.dtype), codebook.new_empty(codebook.shape)
 
 
 def _quantize_formula(z: Tensor, codebook: Tensor, idx: Tensor, cosine: bool, estimator: int):
@@ -207,6 +207,8 @@ def _setup(ctx, inputs, output):
         codebook = codebook.clone()
     ctx.save_for_backward(z, codebook, output[1])
     ctx.flags = (cosine, estimator)
+    # an output that took no gradient arrives as None, not as zeros the backward would read
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
     if estimator == ESTIMATORS["value"]:
         ctx.mark_non_differentiable(output[0])
@@ -219,9 +221,10 @@ def _backward(ctx, grad_q, _grad_idx, grad_commit, grad_code):
         return common.differentiable_backward(
             lambda z_, cb_: _quantize_formula(z_, cb_, idx, cosine, estimator), (z, codebook),
             ctx.needs_input_grad[:2], (grad_q, grad_commit, grad_code)) + (None, None)
-    grad_sq = torch.stack([grad_commit, grad_code]).float()
-    if grad_q is None:  # a value-only z_q takes no gradient
+    if grad_q is None:  # unused, or a value-only z_q: a zero-stride zero, nothing allocated
         grad_q = torch.zeros((), dtype=z.dtype, device=z.device).expand(z.shape)
+    zero = torch.zeros((), dtype=torch.float32, device=z.device)
+    grad_sq = torch.stack([zero if g is None else g.float() for g in (grad_commit, grad_code)])
     gz, gcb = _vq_bwd_op(z, codebook, idx, grad_q, grad_sq, cosine, estimator, ctx.needs_input_grad[1])
     return (gz if ctx.needs_input_grad[0] else None), (gcb if ctx.needs_input_grad[1] else None), None, None
 
