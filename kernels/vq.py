@@ -54,13 +54,6 @@ VALUE = tl.constexpr(2)
 
 
 @triton.jit
-def _argmin_combine(v1, k1, v2, k2):
-    """The smaller score, and on equal scores the lower code: torch.argmin's first minimum."""
-    first = (v1 < v2) | ((v1 == v2) & (k1 < k2))
-    return tl.where(first, v1, v2), tl.where(first, k1, k2)
-
-
-@triton.jit
 def _argmin_tiles(
     z_ptr, z_base, row_ok, e_base, bias_ptr, scale_ptr, nan_ptr, head, K, D, stride_d, stride_ek,
     COSINE: tl.constexpr, DOT_FP32: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -96,8 +89,11 @@ def _argmin_tiles(
         better = score < best
         best = tl.where(better, score, best)
         best_k0 = tl.where(better, k0, best_k0)
+    # the row's minimum, then the lowest code holding it: two built-in reductions (a tl.reduce with a
+    # (value, index) combine is the same on the GPU, but the interpreter runs it element by element in Python)
     best_k = best_k0 + tl.arange(0, BLOCK_K)[None, :]
-    value, index = tl.reduce((best, best_k), 1, _argmin_combine)
+    value = tl.min(best, axis=1)
+    index = tl.min(tl.where(best == value[:, None], best_k, 2147483647), axis=1)
     # a NaN score never compares below: torch.argmin returns the first NaN, which for a code holding a NaN is
     # that code for every token (a token holding one scores NaN everywhere: index 0, as above)
     nan_code = tl.load(nan_ptr + head)
@@ -123,33 +119,43 @@ def vq_argmin_kernel(
 
 @triton.jit
 def _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE: tl.constexpr,
-           BLOCK_D: tl.constexpr):
+           BLOCK_D: tl.constexpr, EXACT: tl.constexpr = False):
     """The [BLOCK_N, BLOCK_D] chunk at feature d0 of the tokens and of their codes in fp32, as the losses see
-    them: for cosine divided by their norms and rounded to their own dtypes (F.normalize in that dtype)."""
+    them: for cosine divided by their norms and rounded to their own dtypes (F.normalize in that dtype).
+    EXACT (the forward, whose values a user compares): IEEE division, torch's own; its slow path is a
+    subroutine call whose stack frame the backward's register-tight kernels spilled around, and a gradient
+    is not compared bitwise, so the backward divides as Triton's ``/`` does (div.full, within 2 ulp)."""
     ds = d0 + tl.arange(0, BLOCK_D)
     m = row_ok[:, None] & (ds < D)[None, :]
     z = tl.load(z_ptr + z_base[:, None] + ds[None, :].to(tl.int64) * stride_d, mask=m, other=0.0)
     e = tl.load(e_rows[:, None] + ds[None, :], mask=m, other=0.0)
     zf = z.to(tl.float32)
     ef = e.to(tl.float32)
-    if COSINE:
-        # IEEE division as torch's (Triton's fp32 / is div.full: 2 ulp on the GPU)
+    if COSINE and EXACT:
         zf = tl.div_rn(zf, zden[:, None]).to(z.dtype).to(tl.float32)
         ef = tl.div_rn(ef, eden[:, None]).to(e.dtype).to(tl.float32)
+    elif COSINE:
+        zf = (zf / zden[:, None]).to(z.dtype).to(tl.float32)
+        ef = (ef / eden[:, None]).to(e.dtype).to(tl.float32)
     return zf, ef, ds, m
 
 
 @triton.jit
-def _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            EXACT: tl.constexpr = False):
     """F.normalize's denominator of each token: max(||z||, 1e-12), the norm rounded to z's dtype as torch's
-    norm of a 16-bit tensor is; and the unclamped norm (its backward switches at the floor)."""
+    norm of a 16-bit tensor is (EXACT: the IEEE square root, as ``_chunk``'s division); and the unclamped
+    norm (its backward switches at the floor)."""
     zz = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         z = tl.load(z_ptr + z_base[:, None] + ds[None, :].to(tl.int64) * stride_d,
                     mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
         zz += tl.sum(z.to(tl.float32) * z.to(tl.float32), axis=1)
-    nz = tl.sqrt_rn(zz).to(z_ptr.dtype.element_ty).to(tl.float32)
+    if EXACT:
+        nz = tl.sqrt_rn(zz).to(z_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        nz = tl.sqrt(zz).to(z_ptr.dtype.element_ty).to(tl.float32)
     return tl.maximum(nz, NORMALIZE_EPS), nz
 
 
@@ -157,8 +163,8 @@ def _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: 
 def _rotation_norms(vv, qq):
     """The rotation trick's (reference ``rotation_trick``) per-token norms from ||z||^2 and ||z_q||^2:
     cz = max(|z|, 1e-6), cq = max(|z_q|, 1e-6) (u = z / cz, q = z_q / cq) and the scale s = |z_q| / cz."""
-    cz = tl.maximum(tl.sqrt_rn(vv), NORM_EPS)
-    return cz, tl.maximum(tl.sqrt_rn(qq), NORM_EPS), tl.sqrt_rn(qq) / cz
+    cz = tl.maximum(tl.sqrt(vv), NORM_EPS)
+    return cz, tl.maximum(tl.sqrt(qq), NORM_EPS), tl.sqrt(qq) / cz
 
 
 @triton.jit
@@ -171,20 +177,22 @@ def _u_plus_q(zf, ef, cz, cq):
 
 @triton.jit
 def _rotation_dots(z_ptr, z_base, e_rows, row_ok, g_ptr, g_base, gstride_d, D, stride_d, zden, eden, cz, cq,
-                   COSINE: tl.constexpr, GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(|u + q|, z . (u + q), g . (u + q)) per token, from the elements (``_u_plus_q``); g with GRAD only."""
+                   COSINE: tl.constexpr, GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   EXACT: tl.constexpr = False):
+    """(|u + q|, z . (u + q), g . (u + q)) per token, from the elements (``_u_plus_q``) as the kernel's other
+    passes form them (EXACT as theirs); g with GRAD only."""
     ww = tl.zeros([BLOCK_N], tl.float32)
     zw = tl.zeros([BLOCK_N], tl.float32)
     gw = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D)
+        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, BLOCK_D, EXACT)
         upq = _u_plus_q(zf, ef, cz, cq)
         ww += tl.sum(upq * upq, axis=1)
         zw += tl.sum(zf * upq, axis=1)
         if GRAD:
             g = tl.load(g_ptr + g_base[:, None] + ds[None, :].to(tl.int64) * gstride_d, mask=m, other=0.0)
             gw += tl.sum(g.to(tl.float32) * upq, axis=1)
-    return tl.maximum(tl.sqrt_rn(ww), NORMALIZE_EPS), zw, gw
+    return tl.maximum(tl.sqrt(ww), NORMALIZE_EPS), zw, gw
 
 
 @triton.jit
@@ -214,7 +222,7 @@ def vq_fwd_kernel(
     zden = tl.full([BLOCK_N], 1.0, tl.float32)
     eden = tl.full([BLOCK_N], 1.0, tl.float32)
     if COSINE:
-        zden, _ = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, EPI_D)
+        zden, _ = _z_norm(z_ptr, z_base, row_ok, D, stride_d, BLOCK_N, EPI_D, True)
         eden = tl.load(eden_ptr + head * K + idx, mask=row_ok, other=1.0)
     # rotation: out = s (z - 2 (z . w) w + 2 (z . u) q), from |z|, |z_q| and then the dots with u + q
     cz = tl.full([BLOCK_N], 1.0, tl.float32)
@@ -226,18 +234,19 @@ def vq_fwd_kernel(
         vv = tl.zeros([BLOCK_N], tl.float32)
         qq = tl.zeros([BLOCK_N], tl.float32)
         for d0 in range(0, D, EPI_D):
-            zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D)
+            zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D,
+                                   True)
             vv += tl.sum(zf * zf, axis=1)
             qq += tl.sum(ef * ef, axis=1)
         cz, cq, rs = _rotation_norms(vv, qq)
         cw, zw, _ = _rotation_dots(z_ptr, z_base, e_rows, row_ok, z_ptr, z_base, stride_d, D, stride_d, zden, eden,
-                                   cz, cq, COSINE, False, BLOCK_N, EPI_D)
+                                   cz, cq, COSINE, False, BLOCK_N, EPI_D, True)
         a_w = 2.0 * zw / (cw * cw)
         b_q = 2.0 * (vv / cz) / cq
     out_ty = q_ptr.dtype.element_ty
     sq = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, EPI_D):
-        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D)
+        zf, ef, ds, m = _chunk(z_ptr, z_base, e_rows, row_ok, d0, D, stride_d, zden, eden, COSINE, EPI_D, True)
         diff = zf - ef
         sq += tl.sum(diff * diff, axis=1)
         if ESTIMATOR == ROTATION:

@@ -16,6 +16,9 @@ from ..reference import vq as vq_ref
 from . import common
 
 BLOCK_N, BLOCK_K = 64, 64
+# the backward is elementwise per token (O(D) each): at 64 tokens a program ptxas held some specializations to
+# 64 registers and spilled; 32 compile clean at ~40
+BWD_BLOCK_N = 32
 # the kernels' ESTIMATOR modes: what z_q's gradient to z is (a value: none)
 ESTIMATORS = {"straight_through": 0, "rotation": 1, "value": 2}
 
@@ -156,13 +159,13 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
         order = torch.argsort(codes, stable=True)
         pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         rows = common.alloc(z, (n * heads, dh), torch.float32)
-    vq_k.vq_bwd_kernel[(triton.cdiv(n, BLOCK_N), heads)](
+    vq_k.vq_bwd_kernel[(triton.cdiv(n, BWD_BLOCK_N), heads)](
         z, e, eden, idx, grad_q, grad_sq, pos, gz, rows,
         n, s, k, dh,
         z.stride(0), z.stride(1), z.stride(2), grad_q.stride(0), grad_q.stride(1), grad_q.stride(2),
         gz.stride(0), gz.stride(1), gz.stride(2), e.stride(0), e.stride(1),
         COSINE=cosine, ESTIMATOR=estimator, CODE_GRAD=code_grad,
-        BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dh), num_warps=4,
+        BLOCK_N=BWD_BLOCK_N, BLOCK_D=_block_d(dh), num_warps=4,
     )
     if not code_grad:
         return gz, codebook.new_zeros(codebook.shape)
