@@ -58,8 +58,12 @@ def _code_terms(e: Tensor, cosine: bool) -> "tuple[Tensor, Tensor, Tensor, Tenso
     nan_code = torch.where(bias.isnan(), codes, k).amin(-1) if k else codes.new_zeros(e.shape[0])
     if not cosine:
         return bias, bias, bias, nan_code
-    eden = torch.linalg.vector_norm(e, dim=-1).clamp_min(1e-12).float()
-    return bias, -torch.linalg.vector_norm(ef, dim=-1).clamp_min(1e-12).reciprocal(), eden, nan_code
+    return bias, -torch.linalg.vector_norm(ef, dim=-1).clamp_min(1e-12).reciprocal(), _normalize_den(e), nan_code
+
+
+def _normalize_den(e: Tensor) -> Tensor:
+    """F.normalize's denominators of the codes, max(||e||, 1e-12), the norm in e's dtype as torch rounds it."""
+    return torch.linalg.vector_norm(e, dim=-1).clamp_min(1e-12).float()
 
 
 @common.custom_op("fastvae::vq_search")
@@ -151,7 +155,8 @@ def _vq_bwd_op(z: Tensor, codebook: Tensor, idx: Tensor, grad_q: Tensor, grad_sq
     if n == 0:
         return gz, codebook.new_zeros(codebook.shape)
     e = codebook.contiguous()
-    eden = _code_terms(e, cosine)[2]
+    # the kernel reads it for cosine only; an fp32 placeholder otherwise (its specialization unchanged)
+    eden = _normalize_den(e) if cosine else e.new_empty(0, dtype=torch.float32)
     codes = (idx + torch.arange(heads, device=idx.device) * k).reshape(-1)  # flat code ids h K + index
     rows = pos = counts = idx  # unused placeholders unless the codebook wants its gradient
     if code_grad:
